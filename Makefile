@@ -1,0 +1,53 @@
+# The two commands a new user needs: `make demo` and `make test`. Both install
+# what is missing (idempotent: a second run reinstalls nothing) and then run.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.tierfl-installed
+SYSSTAMP := .sysdeps-installed
+# Debian packages: Fashion-MNIST ships as a Debian package (no downloads at run time).
+DEBS := dataset-fashion-mnist
+DEMO_OUT ?= runs/demo
+
+.PHONY: demo test bench lint install sysdeps clean
+
+install: $(STAMP) $(SYSSTAMP)
+
+# torch goes in first and pinned: an unpinned resolve pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@echo "installing torch==2.13.0 (CPU) and tierfl into $(VENV) ..."
+	@$(PIP) install torch==2.13.0
+	@$(PIP) install -e '.[emulation,dev]' torch==2.13.0
+	@touch $@
+
+$(SYSSTAMP):
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@touch $@
+
+demo: install
+	$(VENV)/bin/tierfl emulate topologies/metro-5g.graphml --dataset har --rounds 15 --seed 0 --out $(DEMO_OUT)
+	@echo "report and plots in $(DEMO_OUT)/ (report.json, accuracy_vs_time.png, latency_breakdown.png)"
+
+# pytest exit code 5 means "no tests collected": not a failure of the code, but
+# also never a pass by itself — we print it and fail only on real failures.
+test: install
+	@set +e; $(VENV)/bin/pytest -q -p no:cacheprovider; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
+
+bench: install
+	$(PY) bench/bench_cohort.py
+	$(PY) bench/bench_emulation.py
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy devices gateway cloud hierarchy
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Cloud tier: coordinator, server optimizers, model store, evaluation."""

@@ -1,0 +1,59 @@
+"""The round's last step: combine gateway partial aggregates, step the server optimizer, version.
+
+Pure logic (numpy); the Ray actor in ``hierarchy.actors`` is a thin shell around it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from cloud.model_store import ModelStore, ModelVersion
+from cloud.strategy import ServerOptimizer
+from cloud.strategy.base import weighted_mean
+from gateway.partial_aggregate import PartialAggregate, combine
+
+
+@dataclass(frozen=True)
+class AppliedRound:
+    round: int
+    version: ModelVersion
+    devices: int  # device updates folded in across all gateways
+    gateways: int  # gateways that delivered a non-empty aggregate
+    total_weight: float
+    update_norm: float  # L2 norm of the mean client delta
+
+
+class Coordinator:
+    def __init__(self, initial_params: np.ndarray, strategy: ServerOptimizer, keep: int = 8):
+        if initial_params.ndim != 1:
+            raise ValueError("initial_params must be a flat vector")
+        self.strategy = strategy
+        self.store = ModelStore(keep=keep)
+        self.store.commit(initial_params, round_=0)
+
+    @property
+    def params(self) -> np.ndarray:
+        return self.store.params()
+
+    @property
+    def version(self) -> ModelVersion:
+        return self.store.current
+
+    def apply(self, round_: int, partials: Sequence[PartialAggregate]) -> AppliedRound:
+        """Apply one round. A round where no device delivered keeps the model unchanged."""
+        params = self.params
+        delivered = [p for p in partials if p.count > 0]
+        total, weight, count = combine(delivered, params.shape[0])
+        if count == 0 or weight <= 0:
+            return AppliedRound(round_, self.version, 0, 0, 0.0, 0.0)
+        mean_delta = weighted_mean(total, weight)
+        if not np.all(np.isfinite(mean_delta)):
+            raise FloatingPointError(f"round {round_}: aggregate contains NaN/Inf; not applied")
+        new = self.strategy.step(params, mean_delta)
+        version = self.store.commit(new, round_)
+        return AppliedRound(
+            round_, version, count, len(delivered), weight, float(np.linalg.norm(mean_delta))
+        )

@@ -1,0 +1,214 @@
+"""Vectorized local training of a whole cohort of devices with ``torch.func``.
+
+Training devices one by one costs a Python round trip and a handful of tiny
+kernel launches per SGD step per device; with thousands of emulated devices
+that overhead, not arithmetic, dominates. Here every device's parameters are
+stacked along a leading axis and one ``vmap(grad(loss))`` call takes an SGD
+step for all of them at once.
+
+Semantics are exactly :func:`devices.training.train_device`'s, device by
+device: the same :func:`~devices.training.batch_plan` (same seed, same
+batches), the same mean cross entropy per batch, the same plain SGD update.
+Differences in batch size are handled with per-sample weights (``1 / batch
+length`` for real samples, ``0`` for padding), so a short last batch gives the
+same gradient as ``train_device``'s smaller batch.
+
+To keep padding small, devices are sorted by (steps, samples) and cut into
+buckets of at most ``max_cohort``. Within a bucket, step ``s`` only touches the
+devices that still have a step ``s`` -- because of the sort they are a
+suffix of the bucket, so finished devices cost nothing and their parameters
+provably stay put -- and the batch axis is trimmed to the longest batch
+actually present at that step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+from torch.nn import functional as F
+
+from devices.training import LocalTrainingConfig, batch_plan, check_device_data, num_steps
+
+
+@dataclass
+class CohortResult:
+    """Per-device updates, in the caller's device order."""
+
+    deltas: np.ndarray  # float32 [n_devices, P], trained - global
+    num_samples: np.ndarray  # int64 [n]
+    steps: np.ndarray  # int64 [n]
+    loss: np.ndarray  # float64 [n], mean minibatch loss over steps (0.0 if no steps)
+
+
+@dataclass
+class _Bucket:
+    """Everything one bucket's step loop needs, built before the loop starts.
+
+    ``index[s, j, b]`` is the row of ``x`` / ``y`` holding sample ``b`` of
+    device ``j``'s batch ``s`` (padding points at a zero row); ``weight`` is
+    ``1 / len(batch)`` for real samples and 0 for padding. ``first[s]`` is the
+    first device (in bucket order) that still trains at step ``s`` and
+    ``width[s]`` the longest batch at that step.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor  # int64 [S, m, B]
+    weight: torch.Tensor  # float32 [S, m, B]
+    first: list[int]
+    width: list[int]
+
+
+class CohortTrainer:
+    """Trains many devices of one model architecture at once.
+
+    ``model`` only provides the architecture (through ``functional_call``); it
+    is never modified. ``max_cohort`` bounds how many devices are stacked in
+    one vmapped call, i.e. peak memory.
+    """
+
+    def __init__(self, model: nn.Module, max_cohort: int = 256) -> None:
+        if max_cohort < 1:
+            raise ValueError(f"CohortTrainer: max_cohort must be >= 1, got {max_cohort}")
+        self.model = model
+        self.max_cohort = max_cohort
+        named = list(model.named_parameters())
+        self._names = tuple(name for name, _ in named)
+        self._shapes = tuple(tuple(p.shape) for _, p in named)
+        self._sizes = tuple(p.numel() for _, p in named)
+        self.num_params = sum(self._sizes)
+        buffers = dict(model.named_buffers())
+        names = self._names
+
+        def batch_loss(
+            params: tuple[torch.Tensor, ...], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor
+        ) -> torch.Tensor:
+            # Weighted sum == mean over the real samples (weights are 1/len or 0).
+            logits = functional_call(model, {**dict(zip(names, params, strict=True)), **buffers}, (x,))
+            return (F.cross_entropy(logits, y, reduction="none") * w).sum()
+
+        # Built once: re-wrapping vmap/grad every step costs measurable time.
+        self._step: Callable[..., Any] = vmap(grad_and_value(batch_loss))
+
+    def train(
+        self,
+        global_params: np.ndarray,
+        data: Sequence[tuple[np.ndarray, np.ndarray]],
+        cfg: LocalTrainingConfig,
+        seeds: Sequence[int],
+    ) -> CohortResult:
+        """Train device ``i`` on ``data[i]`` with batch-plan seed ``seeds[i]``, all from ``global_params``."""
+        n = len(data)
+        if len(seeds) != n:
+            raise ValueError(f"CohortTrainer.train: {n} devices but {len(seeds)} seeds")
+        if np.shape(global_params) != (self.num_params,):
+            raise ValueError(
+                f"CohortTrainer.train: global_params must have shape ({self.num_params},), "
+                f"got {np.shape(global_params)}"
+            )
+        global_params = np.asarray(global_params, dtype=np.float32)
+        for i, (x, y) in enumerate(data):
+            check_device_data(np.asarray(x), np.asarray(y), f"CohortTrainer.train device {i}")
+
+        counts = np.array([len(y) for _, y in data], dtype=np.int64)
+        steps = np.array([num_steps(int(c), cfg) for c in counts], dtype=np.int64)
+        deltas = np.zeros((n, self.num_params), dtype=np.float32)
+        losses = np.zeros(n, dtype=np.float64)
+
+        active = np.flatnonzero(steps > 0)
+        # Sort by steps (so finished devices form a prefix), then by size (so
+        # a bucket's last batches have similar lengths and pad little).
+        order = active[np.lexsort((counts[active], steps[active]))]
+        for start in range(0, len(order), self.max_cohort):
+            ids = order[start : start + self.max_cohort]
+            bucket = self._build_bucket(
+                [data[i] for i in ids], [int(seeds[i]) for i in ids], steps[ids], cfg
+            )
+            deltas[ids], losses[ids] = self._train_bucket(global_params, bucket, cfg.lr)
+        losses[active] /= steps[active]
+        return CohortResult(deltas=deltas, num_samples=counts, steps=steps, loss=losses)
+
+    def _build_bucket(
+        self,
+        data: list[tuple[np.ndarray, np.ndarray]],
+        seeds: list[int],
+        steps: np.ndarray,
+        cfg: LocalTrainingConfig,
+    ) -> _Bucket:
+        m = len(data)
+        total_steps = int(steps.max())
+        sample_shape = np.asarray(data[0][0]).shape[1:]
+        for x, _ in data:
+            if np.asarray(x).shape[1:] != sample_shape:
+                raise ValueError(
+                    f"CohortTrainer.train: devices have different sample shapes "
+                    f"{sample_shape} and {np.asarray(x).shape[1:]}"
+                )
+        # All devices' samples back to back plus one zero row that padding points to.
+        sizes = [len(y) for _, y in data]
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        pad_row = int(offsets[-1])
+        xs = np.concatenate(
+            [np.asarray(x, dtype=np.float32) for x, _ in data]
+            + [np.zeros((1, *sample_shape), dtype=np.float32)]
+        )
+        ys = np.concatenate([np.asarray(y, dtype=np.int64) for _, y in data] + [np.zeros(1, np.int64)])
+
+        index = np.full((total_steps, m, cfg.batch_size), pad_row, dtype=np.int64)
+        weight = np.zeros((total_steps, m, cfg.batch_size), dtype=np.float32)
+        width = np.zeros(total_steps, dtype=np.int64)
+        for j, (size, seed) in enumerate(zip(sizes, seeds, strict=True)):
+            for s, idx in enumerate(batch_plan(size, cfg, seed)):
+                k = len(idx)
+                index[s, j, :k] = idx + offsets[j]
+                weight[s, j, :k] = np.float32(1.0) / np.float32(k)
+                width[s] = max(width[s], k)
+        # Devices are sorted by steps: those with steps <= s form a prefix.
+        first = np.searchsorted(steps, np.arange(total_steps), side="right")
+        return _Bucket(
+            x=torch.from_numpy(xs),
+            y=torch.from_numpy(ys),
+            index=torch.from_numpy(index),
+            weight=torch.from_numpy(weight),
+            first=[int(v) for v in first],
+            width=[int(v) for v in width],
+        )
+
+    def _train_bucket(
+        self, global_params: np.ndarray, bucket: _Bucket, lr: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        m = bucket.index.shape[1]
+        g = torch.from_numpy(global_params)
+        params: list[torch.Tensor] = []
+        offset = 0
+        for shape, size in zip(self._shapes, self._sizes, strict=True):
+            p = g[offset : offset + size].view(shape)
+            params.append(p.unsqueeze(0).expand(m, *shape).clone())
+            offset += size
+        loss_sum = torch.zeros(m, dtype=torch.float64)
+        x, y = bucket.x, bucket.y
+        sample_shape = x.shape[1:]
+
+        with torch.no_grad():
+            for s, (k, width) in enumerate(zip(bucket.first, bucket.width, strict=True)):
+                rows = m - k
+                idx = bucket.index[s, k:, :width]
+                flat_idx = idx.reshape(-1)
+                xb = x.index_select(0, flat_idx).view(rows, width, *sample_shape)
+                yb = y.index_select(0, flat_idx).view(rows, width)
+                wb = bucket.weight[s, k:, :width]
+                # Row-slices of contiguous tensors are contiguous views: the
+                # in-place update below writes straight into ``params``.
+                live = [p[k:] for p in params]
+                grads, loss = self._step(tuple(live), xb, yb, wb)
+                torch._foreach_add_(live, list(grads), alpha=-lr)
+                loss_sum[k:] += loss
+        trained = torch.cat([p.reshape(m, -1) for p in params], dim=1)
+        delta = (trained - g).numpy()
+        return delta, loss_sum.numpy()

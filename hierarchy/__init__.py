@@ -1,0 +1,1 @@
+"""The tree itself: topologies, the Ray actor tree, the virtual clock, the CLI."""

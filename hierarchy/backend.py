@@ -1,0 +1,132 @@
+"""Where the actors run: Ray (one process per actor) or in this process.
+
+The actor classes in ``hierarchy.actors`` are plain Python classes. A backend
+turns each into a handle with ``call(method, *args)`` returning a future and
+``gather(futures)`` resolving them, so the emulation driver and the actors'
+calls to each other are the same code on Ray and in-process. In-process is a
+placement too (everything packed into one process): it has no Ray start-up
+cost, which matters for small fleets and for the unit tests of the driver.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+
+class Handle(Protocol):
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any: ...
+
+
+class LocalHandle:
+    """Calls run eagerly; the 'future' is the value itself."""
+
+    def __init__(self, obj: Any) -> None:
+        self._obj = obj
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self._obj, method)(*args, **kwargs)
+
+
+class RayHandle:
+    """Wraps a Ray actor handle; picklable, so actors can pass it to each other."""
+
+    def __init__(self, actor: Any) -> None:
+        self._actor = actor
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self._actor, method).remote(*args, **kwargs)
+
+
+def gather(futures: Sequence[Any]) -> list[Any]:
+    """Resolve a list of futures from either backend (Ray refs or plain values)."""
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if any(isinstance(f, ray.ObjectRef) for f in futures):
+            return list(ray.get(list(futures)))
+    return list(futures)
+
+
+def put(value: Any) -> Any:
+    """Share a large value once (Ray object store) instead of copying it per call."""
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            return ray.put(value)
+    return value
+
+
+class Backend:
+    name: str
+
+    def spawn(self, cls: type, *args: Any, resources: dict[str, float] | None = None,
+              num_cpus: float = 0, **kwargs: Any) -> Handle:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        pass
+
+    def cluster_resources(self) -> dict[str, float]:
+        return {}
+
+
+class LocalBackend(Backend):
+    name = "local"
+
+    def spawn(self, cls: type, *args: Any, resources: dict[str, float] | None = None,
+              num_cpus: float = 0, **kwargs: Any) -> Handle:
+        return LocalHandle(cls(*args, **kwargs))
+
+
+class RayBackend(Backend):
+    """Starts (or joins, with ``address``) a Ray cluster quietly, sized to the machine."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None) -> None:
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+        import logging
+
+        import ray
+
+        self._ray = ray
+        self._owns = not ray.is_initialized()
+        if self._owns:
+            kwargs: dict[str, Any] = dict(
+                include_dashboard=False,
+                logging_level=logging.ERROR,
+                log_to_driver=False,
+                configure_logging=True,
+            )
+            if address:
+                kwargs["address"] = address
+            else:
+                kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
+                # Small object store: partial aggregates and parameter vectors are MBs, and a
+                # default 30 % of RAM per local cluster adds up when tests start several.
+                kwargs["object_store_memory"] = 512 * 1024 * 1024
+            ray.init(**kwargs)
+
+    def spawn(self, cls: type, *args: Any, resources: dict[str, float] | None = None,
+              num_cpus: float = 0, **kwargs: Any) -> Handle:
+        remote_cls = self._ray.remote(cls)
+        actor = remote_cls.options(num_cpus=num_cpus, resources=resources or {}).remote(
+            *args, **kwargs
+        )
+        return RayHandle(actor)
+
+    def cluster_resources(self) -> dict[str, float]:
+        return dict(self._ray.cluster_resources())
+
+    def shutdown(self) -> None:
+        if self._owns and self._ray.is_initialized():
+            self._ray.shutdown()

@@ -1,0 +1,384 @@
+"""The emulation driver: a topology becomes an actor tree that trains a real model.
+
+Each round: the coordinator's current model is pushed down (virtual clock:
+cloud→gateway, then gateway→device), the selected devices train for real in
+vectorized cohorts, their real update bytes are timed over their links, the
+gateways aggregate on-time updates and uplink, and the coordinator applies the
+result. Wall-clock time is measured separately from the virtual clock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gateway.partial_aggregate import PartialAggregate
+from hierarchy.actors import (
+    CohortHost,
+    CoordinatorHost,
+    DatasetSpec,
+    GatewayHost,
+    model_nbytes,
+)
+from hierarchy.backend import Backend, LocalBackend, RayBackend, gather, put
+from hierarchy.placement import plan_placement
+from hierarchy.timeline import STREAM_AVAIL, gateway_model_arrival
+from hierarchy.topology import Topology, load_topology
+
+DATASETS = ("har", "fashion", "digits")
+BACKENDS = ("ray", "local")
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    """Mirror of ``devices.training.LocalTrainingConfig`` kept torch-free for the driver."""
+
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 0.05
+    max_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class EmulationConfig:
+    topology: Path
+    rounds: int = 5
+    dataset: str = "har"
+    seed: int = 0
+    out: Path | None = None
+    model: str | None = None
+    alpha: float = 0.5
+    local: LocalConfig = field(default_factory=LocalConfig)
+    strategy: str = "fedavg"
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
+    deadline_s: float | None = None
+    eval_every: int = 1
+    backend: str = "ray"
+    trainers: int | None = None
+    gateway_hosts: int | None = None
+    ray_address: str | None = None
+    plots: bool = True
+
+    def validate(self) -> None:
+        """Name the first bad field; the CLI turns this into exit code 2."""
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if self.local.epochs < 1 or self.local.batch_size < 1 or not self.local.lr > 0:
+            raise ValueError("epochs and batch-size must be >= 1 and lr > 0")
+        if self.local.max_steps is not None and self.local.max_steps < 1:
+            raise ValueError("max-steps must be >= 1")
+        if self.deadline_s is not None and not self.deadline_s > 0:
+            raise ValueError(f"deadline must be > 0 seconds, got {self.deadline_s}")
+        if self.eval_every < 1:
+            raise ValueError("eval-every must be >= 1")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        for name in ("trainers", "gateway_hosts"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {v}")
+
+
+def default_model(dataset: str) -> str:
+    return {"har": "cnn1d", "fashion": "cnn2d", "digits": "mlp"}[dataset]
+
+
+def _percentiles(values: np.ndarray) -> dict[str, float]:
+    if values.size == 0:
+        return {"p50": 0.0, "p95": 0.0, "max": 0.0}
+    return {
+        "p50": float(np.percentile(values, 50)),
+        "p95": float(np.percentile(values, 95)),
+        "max": float(values.max()),
+    }
+
+
+def _merge_stats(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.argsort(merged["device"], kind="stable")
+    return {k: v[order] for k, v in merged.items()}
+
+
+def _make_backend(cfg: EmulationConfig) -> Backend:
+    if cfg.backend == "local":
+        return LocalBackend()
+    return RayBackend(address=cfg.ray_address)
+
+
+class Emulation:
+    """Builds the actor tree for one topology and runs rounds on it."""
+
+    def __init__(self, cfg: EmulationConfig, topo: Topology | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.topo = topo if topo is not None else load_topology(cfg.topology)
+        if not self.topo.devices:
+            raise ValueError(f"topology {self.topo.name!r} has no devices")
+        self.model_name = cfg.model or default_model(cfg.dataset)
+        sizes = [d.samples for d in self.topo.devices.values()]
+        self.spec = DatasetSpec(
+            cfg.dataset,
+            len(self.topo.devices),
+            cfg.seed,
+            cfg.alpha,
+            tuple(int(s) for s in sizes) if all(s is not None for s in sizes) else None,  # type: ignore[arg-type]
+        )
+        t0 = time.perf_counter()
+        self.backend = _make_backend(cfg)
+        try:
+            self._build()
+        except BaseException:
+            self.backend.shutdown()
+            raise
+        self.setup_wall_s = time.perf_counter() - t0
+
+    def _build(self) -> None:
+        cfg, topo = self.cfg, self.topo
+        cpus = os.cpu_count() or 1
+        n_trainers = cfg.trainers or max(1, min(cpus, len(topo.devices)))
+        if cfg.backend == "local":
+            n_trainers = 1 if cfg.trainers is None else cfg.trainers
+        n_hosts = cfg.gateway_hosts or max(1, min(cpus // 2 or 1, len(topo.gateways)))
+        self.placement = plan_placement(
+            topo,
+            trainers=n_trainers,
+            gateway_hosts=n_hosts,
+            cluster_resources=self.backend.cluster_resources(),
+        )
+        self.coordinator = self.backend.spawn(
+            CoordinatorHost, self.spec, self.model_name, cfg.strategy, cfg.server_lr,
+            cfg.server_momentum, cfg.seed,
+        )
+        info = gather([self.coordinator.call("info")])[0]
+        self.num_params = int(info["num_params"])
+        self.initial_hash = str(info["hash"])
+        gw_index = {g: i for i, g in enumerate(topo.gateways)}
+        self.hosts = [
+            self.backend.spawn(
+                GatewayHost, [topo.gateways[g] for g in plan.gateways], gw_index,
+                self.num_params, cfg.seed, resources=plan.resources,
+            )
+            for plan in self.placement.gateway_hosts
+        ]
+        host_of = self.placement.host_of()
+        gateway_handles = {g: self.hosts[host_of[g]] for g in topo.gateways}
+        nodes = list(topo.devices.values())
+        self.trainers = [
+            self.backend.spawn(
+                CohortHost, self.spec, self.model_name, idx, [nodes[i] for i in idx],
+                gateway_handles, num_cpus=1 if cfg.backend == "ray" else 0,
+            )
+            for idx in self.placement.trainers
+        ]
+        # Wait until every trainer has loaded its data so set-up time is honest.
+        gather([t.call("train_round", 0, np.zeros(0, np.float32), None, [], {}, 0) for t in self.trainers])
+
+    def select(self, round_: int) -> tuple[list[int], int]:
+        """Devices that are available this round (a seeded coin per device)."""
+        avail = np.array([d.availability for d in self.topo.devices.values()])
+        u = np.random.default_rng([self.cfg.seed, round_, STREAM_AVAIL]).random(avail.size)
+        chosen = np.flatnonzero(u < avail)
+        return [int(i) for i in chosen], int(avail.size - chosen.size)
+
+    def run_round(self, round_: int) -> dict[str, Any]:
+        from devices.training import LocalTrainingConfig
+
+        cfg, topo = self.cfg, self.topo
+        wall0 = time.perf_counter()
+        params_ref = put(gather([self.coordinator.call("params")])[0])
+        m_bytes = model_nbytes(self.num_params)
+        starts = {
+            g: gateway_model_arrival(node, i, seed=cfg.seed, round_=round_, model_bytes=m_bytes)
+            for i, (g, node) in enumerate(topo.gateways.items())
+        }
+        selected, unavailable = self.select(round_)
+        local = LocalTrainingConfig(**asdict(cfg.local))
+        stats = _merge_stats(
+            gather(
+                [t.call("train_round", round_, params_ref, local, selected, starts, cfg.seed)
+                 for t in self.trainers]
+            )
+        )
+        wall_train = time.perf_counter() - wall0
+        closes = [c for cs in gather([h.call("close", round_, cfg.deadline_s, starts) for h in self.hosts]) for c in cs]
+        partials: list[PartialAggregate] = [c["partial"] for c in closes]
+        applied = gather([self.coordinator.call("apply", round_, partials)])[0]
+        evaluation: dict[str, float] = {}
+        if round_ % cfg.eval_every == 0 or round_ == cfg.rounds:
+            evaluation = gather([self.coordinator.call("evaluate")])[0]
+        wall = time.perf_counter() - wall0
+        return self._record(round_, stats, closes, starts, applied, evaluation, selected,
+                            unavailable, wall, wall_train, m_bytes)
+
+    def _record(self, round_: int, stats: dict[str, np.ndarray], closes: list[dict[str, Any]],
+                starts: dict[str, float], applied: dict[str, Any], evaluation: dict[str, float],
+                selected: list[int], unavailable: int, wall: float, wall_train: float,
+                m_bytes: int) -> dict[str, Any]:
+        arrivals = stats["arrival_s"]
+        ends = {c["partial"].gateway: c["close_s"] + c["uplink_s"] for c in closes}
+        round_s = max(ends.values()) if ends else 0.0
+        # Critical path: the gateway whose uplink lands last, and its slowest on-time device.
+        last_gw = max(ends, key=lambda g: ends[g]) if ends else None
+        crit = {"cloud_to_gateway": 0.0, "device_download": 0.0, "device_compute": 0.0,
+                "device_upload": 0.0, "gateway_wait": 0.0, "gateway_to_cloud": 0.0}
+        if last_gw is not None:
+            close = next(c for c in closes if c["partial"].gateway == last_gw)
+            crit["cloud_to_gateway"] = starts[last_gw]
+            crit["gateway_to_cloud"] = close["uplink_s"]
+            nodes = list(self.topo.devices.values())
+            on_gw = np.array([nodes[int(d)].gateway == last_gw for d in stats["device"]], dtype=bool)
+            ontime = on_gw & (arrivals <= close["close_s"] + 1e-12)
+            if ontime.any():
+                k = int(np.flatnonzero(ontime)[np.argmax(arrivals[ontime])])
+                crit["device_download"] = float(stats["download_s"][k])
+                crit["device_compute"] = float(stats["compute_s"][k])
+                crit["device_upload"] = float(stats["upload_s"][k])
+            used = sum(crit[k] for k in ("cloud_to_gateway", "device_download", "device_compute",
+                                         "device_upload"))
+            crit["gateway_wait"] = max(0.0, close["close_s"] - used)
+        n = int(stats["device"].size)
+        return {
+            "round": round_,
+            "accuracy": evaluation.get("accuracy"),
+            "loss": evaluation.get("loss"),
+            "train_loss": float(np.average(stats["loss"], weights=np.maximum(stats["samples"], 1))) if n else None,
+            "model_version": applied["version"],
+            "model_hash": applied["hash"],
+            "update_norm": applied["update_norm"],
+            "selected": len(selected),
+            "unavailable": unavailable,
+            "participants": int(applied["devices"]),
+            "stragglers": int(sum(c["stragglers"] for c in closes)),
+            "gateways_delivered": int(applied["gateways"]),
+            "latency_s": round_s,
+            "device_latency_s": _percentiles(arrivals),
+            "breakdown_critical_s": crit,
+            "breakdown_mean_s": {
+                "cloud_to_gateway": float(np.mean(list(starts.values()))) if starts else 0.0,
+                "device_download": float(stats["download_s"].mean()) if n else 0.0,
+                "device_compute": float(stats["compute_s"].mean()) if n else 0.0,
+                "device_upload": float(stats["upload_s"].mean()) if n else 0.0,
+                "gateway_to_cloud": float(np.mean([c["uplink_s"] for c in closes])) if closes else 0.0,
+            },
+            "bytes": {
+                "device_up": int(stats["update_bytes"].sum()),
+                "device_down": int(stats["model_bytes"].sum()),
+                "gateway_up": int(sum(c["uplink_bytes"] for c in closes)),
+                "gateway_down": m_bytes * len(self.topo.gateways),
+                "update_bytes_mean": float(stats["update_bytes"].mean()) if n else 0.0,
+                "update_bytes_max": int(stats["update_bytes"].max()) if n else 0,
+            },
+            "retransmitted_packets": int(stats["retransmitted"].sum()),
+            "wall_s": wall,
+            "wall_train_s": wall_train,
+        }
+
+    def close(self) -> None:
+        self.backend.shutdown()
+
+
+def run_emulation(
+    cfg: EmulationConfig,
+    progress: bool = True,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    topo: Topology | None = None,
+) -> dict[str, Any]:
+    """Run a whole emulation; write ``report.json`` (and plots) into ``cfg.out`` if given."""
+    t_start = time.perf_counter()
+    emu = Emulation(cfg, topo)
+    rounds: list[dict[str, Any]] = []
+    try:
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.rounds, desc=f"emulate {emu.topo.name}", unit="round",
+                       dynamic_ncols=True)
+        initial = gather([emu.coordinator.call("evaluate")])[0]
+        for r in range(1, cfg.rounds + 1):
+            rec = emu.run_round(r)
+            rounds.append(rec)
+            if on_round:
+                on_round(rec)
+            if bar is not None:
+                acc = rec["accuracy"]
+                bar.set_postfix(acc=f"{acc:.3f}" if acc is not None else "-",
+                                lat=f"{rec['latency_s']:.2f}s", refresh=False)
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+    finally:
+        emu.close()
+    report = build_report(emu, rounds, initial, time.perf_counter() - t_start)
+    if cfg.out is not None:
+        write_report(report, cfg.out, plots=cfg.plots)
+    return report
+
+
+def build_report(emu: Emulation, rounds: list[dict[str, Any]], initial: dict[str, float],
+                 total_wall: float) -> dict[str, Any]:
+    cfg = emu.cfg
+    accs = [r["accuracy"] for r in rounds if r["accuracy"] is not None]
+    steady = rounds[1:] if len(rounds) > 1 else rounds
+    steady_wall = sum(r["wall_s"] for r in steady)
+    return {
+        "tierfl": "0.1.0",
+        "config": {
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+            "model": emu.model_name,
+        },
+        "topology": {
+            "name": emu.topo.name,
+            "cloud": emu.topo.cloud,
+            "gateways": len(emu.topo.gateways),
+            "devices": len(emu.topo.devices),
+        },
+        "model": {"name": emu.model_name, "params": emu.num_params,
+                  "initial_hash": emu.initial_hash},
+        "placement": {
+            "backend": emu.backend.name,
+            "trainers": len(emu.trainers),
+            "gateway_hosts": len(emu.hosts),
+        },
+        "initial": initial,
+        "rounds": rounds,
+        "summary": {
+            "final_accuracy": accs[-1] if accs else None,
+            "best_accuracy": max(accs) if accs else None,
+            "emulated_time_s": float(sum(r["latency_s"] for r in rounds)),
+            "round_latency_p50_s": float(np.median([r["latency_s"] for r in rounds])),
+            "round_latency_p95_s": float(np.percentile([r["latency_s"] for r in rounds], 95)),
+            "total_bytes_up": int(sum(r["bytes"]["device_up"] + r["bytes"]["gateway_up"] for r in rounds)),
+            "total_bytes_down": int(sum(r["bytes"]["device_down"] + r["bytes"]["gateway_down"] for r in rounds)),
+            "stragglers": int(sum(r["stragglers"] for r in rounds)),
+            "wall_setup_s": emu.setup_wall_s,
+            "wall_total_s": total_wall,
+            "client_updates_per_s": (sum(r["participants"] for r in steady) / steady_wall)
+            if steady_wall > 0 else None,
+        },
+    }
+
+
+def write_report(report: dict[str, Any], out: Path, plots: bool = True) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.json"
+    path.write_text(json.dumps(report, indent=2))
+    if plots:
+        from hierarchy.plots import plot_report
+
+        plot_report(report, out)
+    return path

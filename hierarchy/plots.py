@@ -1,0 +1,58 @@
+"""PNG plots of an emulation report (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def plot_report(report: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = report["rounds"]
+    paths: list[Path] = []
+    title = f"{report['topology']['name']} · {report['config']['dataset']} · {report['model']['name']}"
+
+    # Accuracy against emulated (virtual) time: what a user would see in the field.
+    t = np.cumsum([r["latency_s"] for r in rounds])
+    pts = [(0.0, report["initial"]["accuracy"])] + [
+        (float(ti), r["accuracy"]) for ti, r in zip(t, rounds, strict=True) if r["accuracy"] is not None
+    ]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3)
+    ax.set_xlabel("emulated time (s)")
+    ax.set_ylabel("global test accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    p = out / "accuracy_vs_time.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+
+    # Where each round's time went along the critical path, tier by tier.
+    keys = ["cloud_to_gateway", "device_download", "device_compute", "device_upload",
+            "gateway_wait", "gateway_to_cloud"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    x = np.array([r["round"] for r in rounds])
+    bottom = np.zeros(len(rounds))
+    for k in keys:
+        v = np.array([r["breakdown_critical_s"].get(k, 0.0) for r in rounds])
+        ax.bar(x, v, bottom=bottom, label=k.replace("_", " "))
+        bottom += v
+    ax.set_xlabel("round")
+    ax.set_ylabel("emulated seconds (critical path)")
+    ax.set_title(f"round latency by tier — {title}", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    p = out / "latency_breakdown.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    return paths

@@ -1,0 +1,115 @@
+"""One round on the virtual clock: per-device phases and the gateway/cloud critical path.
+
+A round starts when the coordinator pushes the model. Per device:
+
+    gateway has model (cloud→gateway downlink)
+      → device downloads it (gateway→device)
+      → trains (work / device FLOP/s)
+      → uploads its real encoded update (device→gateway)
+
+A gateway closes at its last on-time arrival (or at the deadline), then uplinks
+its partial aggregate; the round ends when the cloud has every gateway's
+uplink. Pure functions: the actors call them, tests check them by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from hierarchy.netem import transfer_time
+from hierarchy.topology import DeviceNode, GatewayNode
+
+# Forward + backward ≈ 3× the forward FLOPs (the usual rule of thumb for dense nets).
+TRAIN_FLOPS_PER_FORWARD = 3.0
+
+
+def rng_for(seed: int, round_: int, index: int, stream: int) -> np.random.Generator:
+    """Independent, placement-independent random stream per (seed, round, node, purpose)."""
+    return np.random.default_rng([seed, round_, index, stream])
+
+
+STREAM_DOWN, STREAM_UP, STREAM_GW_DOWN, STREAM_GW_UP, STREAM_AVAIL = range(5)
+
+
+@dataclass(frozen=True)
+class DeviceTiming:
+    start_s: float  # when its gateway held the model
+    download_s: float
+    compute_s: float
+    upload_s: float
+    retransmitted_packets: int
+
+    @property
+    def arrival_s(self) -> float:
+        """Time since round start at which the gateway has the update."""
+        return self.start_s + self.download_s + self.compute_s + self.upload_s
+
+
+def training_flops(forward_flops_per_sample: float, samples_processed: int) -> float:
+    return TRAIN_FLOPS_PER_FORWARD * forward_flops_per_sample * samples_processed
+
+
+def device_timing(
+    device: DeviceNode,
+    index: int,
+    *,
+    seed: int,
+    round_: int,
+    start_s: float,
+    model_bytes: int,
+    update_bytes: int,
+    work_flops: float,
+) -> DeviceTiming:
+    down = transfer_time(model_bytes, device.link, "down", rng_for(seed, round_, index, STREAM_DOWN))
+    up = transfer_time(update_bytes, device.link, "up", rng_for(seed, round_, index, STREAM_UP))
+    return DeviceTiming(
+        start_s=start_s,
+        download_s=down.seconds,
+        compute_s=work_flops / device.flops,
+        upload_s=up.seconds,
+        retransmitted_packets=down.retransmitted_packets + up.retransmitted_packets,
+    )
+
+
+def gateway_model_arrival(
+    gateway: GatewayNode, index: int, *, seed: int, round_: int, model_bytes: int
+) -> float:
+    """Cloud→gateway push of the model: when the gateway can start serving it."""
+    rng = rng_for(seed, round_, index, STREAM_GW_DOWN)
+    return transfer_time(model_bytes, gateway.link, "down", rng).seconds
+
+
+def gateway_uplink(
+    gateway: GatewayNode, index: int, *, seed: int, round_: int, nbytes: int
+) -> float:
+    rng = rng_for(seed, round_, index, STREAM_GW_UP)
+    return transfer_time(nbytes, gateway.link, "up", rng).seconds
+
+
+@dataclass(frozen=True)
+class GatewayClose:
+    close_s: float  # when the gateway stopped waiting
+    included: list[int]  # positions (into the arrivals given) of on-time updates
+    stragglers: list[int]  # positions of late updates
+
+
+def close_gateway(arrivals: Sequence[float], deadline_s: float | None, start_s: float) -> GatewayClose:
+    """Deadline rule: wait for every update, or only until ``deadline_s`` after round start.
+
+    With a deadline and late devices, the gateway closes exactly at the deadline
+    (it cannot know nobody else will come); without stragglers it closes at the
+    last arrival. A gateway with no device at all closes as soon as it has the model.
+    """
+    included = [i for i, t in enumerate(arrivals) if deadline_s is None or t <= deadline_s]
+    late = [i for i, t in enumerate(arrivals) if deadline_s is not None and t > deadline_s]
+    if late:
+        assert deadline_s is not None
+        close = deadline_s
+    elif included:
+        close = max(arrivals[i] for i in included)
+    else:
+        close = start_s
+    return GatewayClose(close, included, late)
