@@ -254,10 +254,12 @@ def read_hapt_recordings(
         raw = HaptUnpickler(fh, source=str(path)).load()  # type: ignore[arg-type]
     if not isinstance(raw, dict):
         raise HaptFormatError(f"{path}: expected a dict of subjects, got {type(raw).__name__}")
+    if not all(isinstance(k, int) for k in raw):
+        raise HaptFormatError(f"{path}: subject keys must be integers, got {list(raw)[:5]}")
     recordings: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     for subject in sorted(raw):
         frames = raw[subject]
-        if not isinstance(subject, int) or not isinstance(frames, list) or not frames:
+        if not isinstance(frames, list) or not frames:
             raise HaptFormatError(f"{path}: subject {subject!r} is not a non-empty list of frames")
         recordings[subject] = []
         for r, frame in enumerate(frames):

@@ -121,8 +121,13 @@ class CohortHost:
             # The real bytes a device would send: its float32 tensor plus the envelope.
             u_bytes = len(res.deltas[k].astype("<f4").tobytes()) + UPDATE_HEADER_BYTES
             t = device_timing(
-                node, i, seed=seed, round_=round_, start_s=gateway_start[node.gateway],
-                model_bytes=m_bytes, update_bytes=u_bytes,
+                node,
+                i,
+                seed=seed,
+                round_=round_,
+                start_s=gateway_start[node.gateway],
+                model_bytes=m_bytes,
+                update_bytes=u_bytes,
                 work_flops=training_flops(self._flops, processed),
             )
             stats["download_s"][k] = t.download_s
@@ -138,8 +143,12 @@ class CohortHost:
         for g, ks in by_gateway.items():
             futures.append(
                 self._gateways[g].call(
-                    "submit", round_, g, [self._nodes[pos[k]].id for k in ks],
-                    res.deltas[ks], res.num_samples[ks].astype(np.float64),
+                    "submit",
+                    round_,
+                    g,
+                    [self._nodes[pos[k]].id for k in ks],
+                    res.deltas[ks],
+                    res.num_samples[ks].astype(np.float64),
                     stats["arrival_s"][ks],
                 )
             )
@@ -150,8 +159,8 @@ class CohortHost:
 def _empty_stats() -> dict[str, np.ndarray]:
     keys_i = ("device", "samples", "steps", "update_bytes", "model_bytes", "retransmitted")
     keys_f = ("loss", "download_s", "compute_s", "upload_s", "start_s", "arrival_s")
-    out = {k: np.zeros(0, dtype=np.int64) for k in keys_i}
-    out.update({k: np.zeros(0) for k in keys_f})
+    out: dict[str, np.ndarray] = {k: np.zeros(0, dtype=np.int64) for k in keys_i}
+    out.update({k: np.zeros(0, dtype=np.float64) for k in keys_f})
     return out
 
 
@@ -167,7 +176,11 @@ class GatewayHost:
     """Hosts several logical gateways: buffers their devices' updates, closes rounds."""
 
     def __init__(
-        self, gateways: Sequence[GatewayNode], indices: Mapping[str, int], num_params: int, seed: int
+        self,
+        gateways: Sequence[GatewayNode],
+        indices: Mapping[str, int],
+        num_params: int,
+        seed: int,
     ) -> None:
         self._gateways = {g.id: g for g in gateways}
         self._index = dict(indices)

@@ -66,8 +66,14 @@ def put(value: Any) -> Any:
 class Backend:
     name: str
 
-    def spawn(self, cls: type, *args: Any, resources: dict[str, float] | None = None,
-              num_cpus: float = 0, **kwargs: Any) -> Handle:
+    def spawn(
+        self,
+        cls: type,
+        *args: Any,
+        resources: dict[str, float] | None = None,
+        num_cpus: float = 0,
+        **kwargs: Any,
+    ) -> Handle:
         raise NotImplementedError
 
     def shutdown(self) -> None:
@@ -80,8 +86,14 @@ class Backend:
 class LocalBackend(Backend):
     name = "local"
 
-    def spawn(self, cls: type, *args: Any, resources: dict[str, float] | None = None,
-              num_cpus: float = 0, **kwargs: Any) -> Handle:
+    def spawn(
+        self,
+        cls: type,
+        *args: Any,
+        resources: dict[str, float] | None = None,
+        num_cpus: float = 0,
+        **kwargs: Any,
+    ) -> Handle:
         return LocalHandle(cls(*args, **kwargs))
 
 
@@ -116,9 +128,15 @@ class RayBackend(Backend):
                 kwargs["object_store_memory"] = 512 * 1024 * 1024
             ray.init(**kwargs)
 
-    def spawn(self, cls: type, *args: Any, resources: dict[str, float] | None = None,
-              num_cpus: float = 0, **kwargs: Any) -> Handle:
-        remote_cls = self._ray.remote(cls)
+    def spawn(
+        self,
+        cls: type,
+        *args: Any,
+        resources: dict[str, float] | None = None,
+        num_cpus: float = 0,
+        **kwargs: Any,
+    ) -> Handle:
+        remote_cls: Any = self._ray.remote(cls)
         actor = remote_cls.options(num_cpus=num_cpus, resources=resources or {}).remote(
             *args, **kwargs
         )

@@ -8,7 +8,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
-def _number(kind: type, *, minimum: float | None = None, strict: bool = False) -> Callable[[str], float]:
+def _number(
+    kind: type, *, minimum: float | None = None, strict: bool = False
+) -> Callable[[str], float]:
     """argparse type that names the bound a value broke."""
 
     def parse(text: str) -> float:
@@ -34,49 +36,109 @@ def _add_emulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         description=(
             "Emulate a fleet: the GraphML topology becomes a tree of Ray actors (cloud "
             "coordinator, gateway hosts, device-cohort trainers). Training and aggregation are "
-            "real; the network is emulated on a virtual clock. Writes OUT/report.json and PNG plots."
+            "real; the network is emulated on a virtual clock. Writes OUT/report.json and plots."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("topology", type=Path, help="GraphML topology file (see topologies/)")
     p.add_argument("--rounds", type=_number(int, minimum=1), default=5, help="federated rounds")
-    p.add_argument("--dataset", choices=DATASETS, default="har",
-                   help="har: UCI HAPT by subject; fashion: Fashion-MNIST, Dirichlet split; "
-                        "digits: scikit-learn digits (tiny)")
-    p.add_argument("--seed", type=_number(int, minimum=0), default=0,
-                   help="seed for data split, model init, training and network; same seed, same report")
+    p.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default="har",
+        help="har: UCI HAPT by subject; fashion: Fashion-MNIST, Dirichlet split; "
+        "digits: scikit-learn digits (tiny)",
+    )
+    p.add_argument(
+        "--seed",
+        type=_number(int, minimum=0),
+        default=0,
+        help="seed for data split, model init, training and network; same seed, same report",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/latest"), help="output directory")
-    p.add_argument("--model", choices=("mlp", "cnn1d", "cnn2d"), default=None,
-                   help="model (default: cnn1d for har, cnn2d for fashion, mlp for digits)")
-    p.add_argument("--alpha", type=_number(float, minimum=0, strict=True), default=0.5,
-                   help="Dirichlet concentration for fashion/digits label skew (smaller = more non-IID)")
-    p.add_argument("--epochs", type=_number(int, minimum=1), default=1, help="local epochs per round")
-    p.add_argument("--batch-size", type=_number(int, minimum=1), default=16, help="local batch size")
-    p.add_argument("--lr", type=_number(float, minimum=0, strict=True), default=0.05,
-                   help="local SGD learning rate")
-    p.add_argument("--max-steps", type=_number(int, minimum=1), default=None,
-                   help="cap on local SGD steps per round (bounds work on data-rich devices)")
-    p.add_argument("--strategy", choices=("fedavg", "fedavgm"), default="fedavg",
-                   help="server optimizer")
-    p.add_argument("--server-lr", type=_number(float, minimum=0, strict=True), default=1.0,
-                   help="server learning rate")
-    p.add_argument("--server-momentum", type=_number(float, minimum=0), default=0.9,
-                   help="FedAvgM momentum (in [0, 1))")
-    p.add_argument("--deadline-s", type=_number(float, minimum=0, strict=True), default=None,
-                   help="round deadline in emulated seconds; later updates are stragglers (dropped)")
-    p.add_argument("--eval-every", type=_number(int, minimum=1), default=1,
-                   help="evaluate the global model every N rounds (and after the last)")
-    p.add_argument("--backend", choices=BACKENDS, default="ray",
-                   help="ray: one process per actor; local: everything in this process")
-    p.add_argument("--trainers", type=_number(int, minimum=1), default=None,
-                   help="cohort-trainer actors (default: one per CPU)")
-    p.add_argument("--gateway-hosts", type=_number(int, minimum=1), default=None,
-                   help="gateway-host actors that the logical gateways are packed onto")
-    p.add_argument("--ray-address", default=None,
-                   help="join an existing Ray cluster (e.g. 'auto' on a `ray up` head node)")
+    p.add_argument(
+        "--model",
+        choices=("mlp", "cnn1d", "cnn2d"),
+        default=None,
+        help="model (default: cnn1d for har, cnn2d for fashion, mlp for digits)",
+    )
+    p.add_argument(
+        "--alpha",
+        type=_number(float, minimum=0, strict=True),
+        default=0.5,
+        help="Dirichlet concentration for fashion/digits label skew (smaller = more non-IID)",
+    )
+    p.add_argument(
+        "--epochs", type=_number(int, minimum=1), default=1, help="local epochs per round"
+    )
+    p.add_argument(
+        "--batch-size", type=_number(int, minimum=1), default=16, help="local batch size"
+    )
+    p.add_argument(
+        "--lr",
+        type=_number(float, minimum=0, strict=True),
+        default=0.05,
+        help="local SGD learning rate",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=_number(int, minimum=1),
+        default=None,
+        help="cap on local SGD steps per round (bounds work on data-rich devices)",
+    )
+    p.add_argument(
+        "--strategy", choices=("fedavg", "fedavgm"), default="fedavg", help="server optimizer"
+    )
+    p.add_argument(
+        "--server-lr",
+        type=_number(float, minimum=0, strict=True),
+        default=1.0,
+        help="server learning rate",
+    )
+    p.add_argument(
+        "--server-momentum",
+        type=_number(float, minimum=0),
+        default=0.9,
+        help="FedAvgM momentum (in [0, 1))",
+    )
+    p.add_argument(
+        "--deadline-s",
+        type=_number(float, minimum=0, strict=True),
+        default=None,
+        help="round deadline in emulated seconds; later updates are stragglers (dropped)",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=_number(int, minimum=1),
+        default=1,
+        help="evaluate the global model every N rounds (and after the last)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="ray",
+        help="ray: one process per actor; local: everything in this process",
+    )
+    p.add_argument(
+        "--trainers",
+        type=_number(int, minimum=1),
+        default=None,
+        help="cohort-trainer actors (default: one per CPU)",
+    )
+    p.add_argument(
+        "--gateway-hosts",
+        type=_number(int, minimum=1),
+        default=None,
+        help="gateway-host actors that the logical gateways are packed onto",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="join an existing Ray cluster (e.g. 'auto' on a `ray up` head node)",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(handler=_run_emulate)
+    p.set_defaults(func=_run_emulate)
 
 
 def _run_emulate(args: argparse.Namespace) -> int:
@@ -92,12 +154,23 @@ def _run_emulate(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg = EmulationConfig(
-        topology=args.topology, rounds=args.rounds, dataset=args.dataset, seed=args.seed,
-        out=args.out, model=args.model, alpha=args.alpha,
+        topology=args.topology,
+        rounds=args.rounds,
+        dataset=args.dataset,
+        seed=args.seed,
+        out=args.out,
+        model=args.model,
+        alpha=args.alpha,
         local=LocalConfig(args.epochs, args.batch_size, args.lr, args.max_steps),
-        strategy=args.strategy, server_lr=args.server_lr, server_momentum=args.server_momentum,
-        deadline_s=args.deadline_s, eval_every=args.eval_every, backend=args.backend,
-        trainers=args.trainers, gateway_hosts=args.gateway_hosts, ray_address=args.ray_address,
+        strategy=args.strategy,
+        server_lr=args.server_lr,
+        server_momentum=args.server_momentum,
+        deadline_s=args.deadline_s,
+        eval_every=args.eval_every,
+        backend=args.backend,
+        trainers=args.trainers,
+        gateway_hosts=args.gateway_hosts,
+        ray_address=args.ray_address,
         plots=not args.no_plots,
     )
     try:
@@ -111,7 +184,8 @@ def _run_emulate(args: argparse.Namespace) -> int:
     print(
         f"{report['topology']['devices']} devices, {report['topology']['gateways']} gateways, "
         f"{len(report['rounds'])} rounds: final accuracy {acc:.4f}, "
-        f"round latency p50 {s['round_latency_p50_s']:.2f} s / p95 {s['round_latency_p95_s']:.2f} s "
+        f"round latency p50 {s['round_latency_p50_s']:.2f} s"
+        f" / p95 {s['round_latency_p95_s']:.2f} s "
         f"(emulated), wall {s['wall_total_s']:.1f} s"
     )
     print(f"report: {args.out / 'report.json'}")
@@ -135,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.handler(args))
+    return int(args.func(args))
 
 
 if __name__ == "__main__":

@@ -72,7 +72,9 @@ class EmulationConfig:
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+            raise ValueError(
+                f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}"
+            )
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if not self.alpha > 0:
@@ -86,7 +88,9 @@ class EmulationConfig:
         if self.eval_every < 1:
             raise ValueError("eval-every must be >= 1")
         if self.backend not in BACKENDS:
-            raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+            raise ValueError(
+                f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}"
+            )
         for name in ("trainers", "gateway_hosts"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -160,8 +164,13 @@ class Emulation:
             cluster_resources=self.backend.cluster_resources(),
         )
         self.coordinator = self.backend.spawn(
-            CoordinatorHost, self.spec, self.model_name, cfg.strategy, cfg.server_lr,
-            cfg.server_momentum, cfg.seed,
+            CoordinatorHost,
+            self.spec,
+            self.model_name,
+            cfg.strategy,
+            cfg.server_lr,
+            cfg.server_momentum,
+            cfg.seed,
         )
         info = gather([self.coordinator.call("info")])[0]
         self.num_params = int(info["num_params"])
@@ -169,8 +178,12 @@ class Emulation:
         gw_index = {g: i for i, g in enumerate(topo.gateways)}
         self.hosts = [
             self.backend.spawn(
-                GatewayHost, [topo.gateways[g] for g in plan.gateways], gw_index,
-                self.num_params, cfg.seed, resources=plan.resources,
+                GatewayHost,
+                [topo.gateways[g] for g in plan.gateways],
+                gw_index,
+                self.num_params,
+                cfg.seed,
+                resources=plan.resources,
             )
             for plan in self.placement.gateway_hosts
         ]
@@ -179,13 +192,23 @@ class Emulation:
         nodes = list(topo.devices.values())
         self.trainers = [
             self.backend.spawn(
-                CohortHost, self.spec, self.model_name, idx, [nodes[i] for i in idx],
-                gateway_handles, num_cpus=1 if cfg.backend == "ray" else 0,
+                CohortHost,
+                self.spec,
+                self.model_name,
+                idx,
+                [nodes[i] for i in idx],
+                gateway_handles,
+                num_cpus=1 if cfg.backend == "ray" else 0,
             )
             for idx in self.placement.trainers
         ]
         # Wait until every trainer has loaded its data so set-up time is honest.
-        gather([t.call("train_round", 0, np.zeros(0, np.float32), None, [], {}, 0) for t in self.trainers])
+        gather(
+            [
+                t.call("train_round", 0, np.zeros(0, np.float32), None, [], {}, 0)
+                for t in self.trainers
+            ]
+        )
 
     def select(self, round_: int) -> tuple[list[int], int]:
         """Devices that are available this round (a seeded coin per device)."""
@@ -209,53 +232,92 @@ class Emulation:
         local = LocalTrainingConfig(**asdict(cfg.local))
         stats = _merge_stats(
             gather(
-                [t.call("train_round", round_, params_ref, local, selected, starts, cfg.seed)
-                 for t in self.trainers]
+                [
+                    t.call("train_round", round_, params_ref, local, selected, starts, cfg.seed)
+                    for t in self.trainers
+                ]
             )
         )
         wall_train = time.perf_counter() - wall0
-        closes = [c for cs in gather([h.call("close", round_, cfg.deadline_s, starts) for h in self.hosts]) for c in cs]
+        closes = [
+            c
+            for cs in gather([h.call("close", round_, cfg.deadline_s, starts) for h in self.hosts])
+            for c in cs
+        ]
         partials: list[PartialAggregate] = [c["partial"] for c in closes]
         applied = gather([self.coordinator.call("apply", round_, partials)])[0]
         evaluation: dict[str, float] = {}
         if round_ % cfg.eval_every == 0 or round_ == cfg.rounds:
             evaluation = gather([self.coordinator.call("evaluate")])[0]
         wall = time.perf_counter() - wall0
-        return self._record(round_, stats, closes, starts, applied, evaluation, selected,
-                            unavailable, wall, wall_train, m_bytes)
+        return self._record(
+            round_,
+            stats,
+            closes,
+            starts,
+            applied,
+            evaluation,
+            selected,
+            unavailable,
+            wall,
+            wall_train,
+            m_bytes,
+        )
 
-    def _record(self, round_: int, stats: dict[str, np.ndarray], closes: list[dict[str, Any]],
-                starts: dict[str, float], applied: dict[str, Any], evaluation: dict[str, float],
-                selected: list[int], unavailable: int, wall: float, wall_train: float,
-                m_bytes: int) -> dict[str, Any]:
+    def _record(
+        self,
+        round_: int,
+        stats: dict[str, np.ndarray],
+        closes: list[dict[str, Any]],
+        starts: dict[str, float],
+        applied: dict[str, Any],
+        evaluation: dict[str, float],
+        selected: list[int],
+        unavailable: int,
+        wall: float,
+        wall_train: float,
+        m_bytes: int,
+    ) -> dict[str, Any]:
         arrivals = stats["arrival_s"]
         ends = {c["partial"].gateway: c["close_s"] + c["uplink_s"] for c in closes}
         round_s = max(ends.values()) if ends else 0.0
         # Critical path: the gateway whose uplink lands last, and its slowest on-time device.
         last_gw = max(ends, key=lambda g: ends[g]) if ends else None
-        crit = {"cloud_to_gateway": 0.0, "device_download": 0.0, "device_compute": 0.0,
-                "device_upload": 0.0, "gateway_wait": 0.0, "gateway_to_cloud": 0.0}
+        crit = {
+            "cloud_to_gateway": 0.0,
+            "device_download": 0.0,
+            "device_compute": 0.0,
+            "device_upload": 0.0,
+            "gateway_wait": 0.0,
+            "gateway_to_cloud": 0.0,
+        }
         if last_gw is not None:
             close = next(c for c in closes if c["partial"].gateway == last_gw)
             crit["cloud_to_gateway"] = starts[last_gw]
             crit["gateway_to_cloud"] = close["uplink_s"]
             nodes = list(self.topo.devices.values())
-            on_gw = np.array([nodes[int(d)].gateway == last_gw for d in stats["device"]], dtype=bool)
+            on_gw = np.array(
+                [nodes[int(d)].gateway == last_gw for d in stats["device"]], dtype=bool
+            )
             ontime = on_gw & (arrivals <= close["close_s"] + 1e-12)
             if ontime.any():
                 k = int(np.flatnonzero(ontime)[np.argmax(arrivals[ontime])])
                 crit["device_download"] = float(stats["download_s"][k])
                 crit["device_compute"] = float(stats["compute_s"][k])
                 crit["device_upload"] = float(stats["upload_s"][k])
-            used = sum(crit[k] for k in ("cloud_to_gateway", "device_download", "device_compute",
-                                         "device_upload"))
+            used = sum(
+                crit[k]
+                for k in ("cloud_to_gateway", "device_download", "device_compute", "device_upload")
+            )
             crit["gateway_wait"] = max(0.0, close["close_s"] - used)
         n = int(stats["device"].size)
         return {
             "round": round_,
             "accuracy": evaluation.get("accuracy"),
             "loss": evaluation.get("loss"),
-            "train_loss": float(np.average(stats["loss"], weights=np.maximum(stats["samples"], 1))) if n else None,
+            "train_loss": float(np.average(stats["loss"], weights=np.maximum(stats["samples"], 1)))
+            if n
+            else None,
             "model_version": applied["version"],
             "model_hash": applied["hash"],
             "update_norm": applied["update_norm"],
@@ -272,7 +334,9 @@ class Emulation:
                 "device_download": float(stats["download_s"].mean()) if n else 0.0,
                 "device_compute": float(stats["compute_s"].mean()) if n else 0.0,
                 "device_upload": float(stats["upload_s"].mean()) if n else 0.0,
-                "gateway_to_cloud": float(np.mean([c["uplink_s"] for c in closes])) if closes else 0.0,
+                "gateway_to_cloud": float(np.mean([c["uplink_s"] for c in closes]))
+                if closes
+                else 0.0,
             },
             "bytes": {
                 "device_up": int(stats["update_bytes"].sum()),
@@ -306,8 +370,9 @@ def run_emulation(
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=cfg.rounds, desc=f"emulate {emu.topo.name}", unit="round",
-                       dynamic_ncols=True)
+            bar = tqdm(
+                total=cfg.rounds, desc=f"emulate {emu.topo.name}", unit="round", dynamic_ncols=True
+            )
         initial = gather([emu.coordinator.call("evaluate")])[0]
         for r in range(1, cfg.rounds + 1):
             rec = emu.run_round(r)
@@ -316,8 +381,11 @@ def run_emulation(
                 on_round(rec)
             if bar is not None:
                 acc = rec["accuracy"]
-                bar.set_postfix(acc=f"{acc:.3f}" if acc is not None else "-",
-                                lat=f"{rec['latency_s']:.2f}s", refresh=False)
+                bar.set_postfix(
+                    acc=f"{acc:.3f}" if acc is not None else "-",
+                    lat=f"{rec['latency_s']:.2f}s",
+                    refresh=False,
+                )
                 bar.update(1)
         if bar is not None:
             bar.close()
@@ -329,8 +397,9 @@ def run_emulation(
     return report
 
 
-def build_report(emu: Emulation, rounds: list[dict[str, Any]], initial: dict[str, float],
-                 total_wall: float) -> dict[str, Any]:
+def build_report(
+    emu: Emulation, rounds: list[dict[str, Any]], initial: dict[str, float], total_wall: float
+) -> dict[str, Any]:
     cfg = emu.cfg
     accs = [r["accuracy"] for r in rounds if r["accuracy"] is not None]
     steady = rounds[1:] if len(rounds) > 1 else rounds
@@ -347,8 +416,11 @@ def build_report(emu: Emulation, rounds: list[dict[str, Any]], initial: dict[str
             "gateways": len(emu.topo.gateways),
             "devices": len(emu.topo.devices),
         },
-        "model": {"name": emu.model_name, "params": emu.num_params,
-                  "initial_hash": emu.initial_hash},
+        "model": {
+            "name": emu.model_name,
+            "params": emu.num_params,
+            "initial_hash": emu.initial_hash,
+        },
         "placement": {
             "backend": emu.backend.name,
             "trainers": len(emu.trainers),
@@ -362,13 +434,18 @@ def build_report(emu: Emulation, rounds: list[dict[str, Any]], initial: dict[str
             "emulated_time_s": float(sum(r["latency_s"] for r in rounds)),
             "round_latency_p50_s": float(np.median([r["latency_s"] for r in rounds])),
             "round_latency_p95_s": float(np.percentile([r["latency_s"] for r in rounds], 95)),
-            "total_bytes_up": int(sum(r["bytes"]["device_up"] + r["bytes"]["gateway_up"] for r in rounds)),
-            "total_bytes_down": int(sum(r["bytes"]["device_down"] + r["bytes"]["gateway_down"] for r in rounds)),
+            "total_bytes_up": int(
+                sum(r["bytes"]["device_up"] + r["bytes"]["gateway_up"] for r in rounds)
+            ),
+            "total_bytes_down": int(
+                sum(r["bytes"]["device_down"] + r["bytes"]["gateway_down"] for r in rounds)
+            ),
             "stragglers": int(sum(r["stragglers"] for r in rounds)),
             "wall_setup_s": emu.setup_wall_s,
             "wall_total_s": total_wall,
             "client_updates_per_s": (sum(r["participants"] for r in steady) / steady_wall)
-            if steady_wall > 0 else None,
+            if steady_wall > 0
+            else None,
         },
     }
 

@@ -40,7 +40,9 @@ def serialization_s(nbytes: int, mbps: float) -> float:
     return nbytes * 8.0 / (mbps * 1e6)
 
 
-def transfer_time(nbytes: int, link: Link, direction: Direction, rng: np.random.Generator) -> Transfer:
+def transfer_time(
+    nbytes: int, link: Link, direction: Direction, rng: np.random.Generator
+) -> Transfer:
     """Virtual seconds to move ``nbytes`` over ``link`` toward the cloud ("up") or away ("down")."""
     if nbytes < 0:
         raise ValueError(f"nbytes must be >= 0, got {nbytes}")

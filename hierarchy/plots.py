@@ -16,12 +16,16 @@ def plot_report(report: dict[str, Any], out: Path) -> list[Path]:
 
     rounds = report["rounds"]
     paths: list[Path] = []
-    title = f"{report['topology']['name']} · {report['config']['dataset']} · {report['model']['name']}"
+    title = (
+        f"{report['topology']['name']} · {report['config']['dataset']} · {report['model']['name']}"
+    )
 
     # Accuracy against emulated (virtual) time: what a user would see in the field.
     t = np.cumsum([r["latency_s"] for r in rounds])
     pts = [(0.0, report["initial"]["accuracy"])] + [
-        (float(ti), r["accuracy"]) for ti, r in zip(t, rounds, strict=True) if r["accuracy"] is not None
+        (float(ti), r["accuracy"])
+        for ti, r in zip(t, rounds, strict=True)
+        if r["accuracy"] is not None
     ]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3)
@@ -36,8 +40,14 @@ def plot_report(report: dict[str, Any], out: Path) -> list[Path]:
     paths.append(p)
 
     # Where each round's time went along the critical path, tier by tier.
-    keys = ["cloud_to_gateway", "device_download", "device_compute", "device_upload",
-            "gateway_wait", "gateway_to_cloud"]
+    keys = [
+        "cloud_to_gateway",
+        "device_download",
+        "device_compute",
+        "device_upload",
+        "gateway_wait",
+        "gateway_to_cloud",
+    ]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     x = np.array([r["round"] for r in rounds])
     bottom = np.zeros(len(rounds))

@@ -112,20 +112,48 @@ def render_topology_png(
     ax.scatter(dx, [_Y_DEVICE] * len(dx), s=dsize, c="#444444", zorder=2, linewidths=0)
     ax.scatter(gx, [_Y_GATEWAY] * len(gx), s=90, marker="s", c="#2b6cb0", zorder=3)
     ax.scatter([cloud_x], [_Y_CLOUD], s=400, marker="h", c="#38a169", zorder=3)
-    ax.annotate(topo.cloud, (cloud_x, _Y_CLOUD), xytext=(0, 12), textcoords="offset points",
-                ha="center", fontsize=9)
+    ax.annotate(
+        topo.cloud,
+        (cloud_x, _Y_CLOUD),
+        xytext=(0, 12),
+        textcoords="offset points",
+        ha="center",
+        fontsize=9,
+    )
 
     gw_font = 8 if len(shown_gws) <= 24 else 6
     rotate = 0 if len(shown_gws) <= 16 else 90
     for x, gw in zip(gx, shown_gws, strict=True):
-        ax.annotate(gw, (x, _Y_GATEWAY), xytext=(6, 6), textcoords="offset points",
-                    fontsize=gw_font, rotation=rotate)
+        ax.annotate(
+            gw,
+            (x, _Y_GATEWAY),
+            xytext=(6, 6),
+            textcoords="offset points",
+            fontsize=gw_font,
+            rotation=rotate,
+        )
     for x, text in more_labels:
-        ax.annotate(text, (x, _Y_DEVICE), xytext=(0, -14), textcoords="offset points",
-                    ha="center", fontsize=6, rotation=90, va="top")
+        ax.annotate(
+            text,
+            (x, _Y_DEVICE),
+            xytext=(0, -14),
+            textcoords="offset points",
+            ha="center",
+            fontsize=6,
+            rotation=90,
+            va="top",
+        )
     for x, text in device_labels:
-        ax.annotate(text, (x, _Y_DEVICE), xytext=(0, -8), textcoords="offset points",
-                    ha="center", va="top", fontsize=6, rotation=90)
+        ax.annotate(
+            text,
+            (x, _Y_DEVICE),
+            xytext=(0, -8),
+            textcoords="offset points",
+            ha="center",
+            va="top",
+            fontsize=6,
+            rotation=90,
+        )
 
     ax.set_xlim(-0.5, total + 0.5)
     ax.set_ylim(-0.9, 2.5)
@@ -134,8 +162,14 @@ def render_topology_png(
     if hidden_gws:
         title += f"\n(showing the first {len(shown_gws)} gateways; +{hidden_gws} more gateways)"
     ax.set_title(title, fontsize=10)
-    ax.legend(handles=handles, title="link", loc="upper right", fontsize=8, title_fontsize=8,
-              frameon=False)
+    ax.legend(
+        handles=handles,
+        title="link",
+        loc="upper right",
+        fontsize=8,
+        title_fontsize=8,
+        frameon=False,
+    )
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(p, format="png")

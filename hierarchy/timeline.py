@@ -63,7 +63,9 @@ def device_timing(
     update_bytes: int,
     work_flops: float,
 ) -> DeviceTiming:
-    down = transfer_time(model_bytes, device.link, "down", rng_for(seed, round_, index, STREAM_DOWN))
+    down = transfer_time(
+        model_bytes, device.link, "down", rng_for(seed, round_, index, STREAM_DOWN)
+    )
     up = transfer_time(update_bytes, device.link, "up", rng_for(seed, round_, index, STREAM_UP))
     return DeviceTiming(
         start_s=start_s,
@@ -96,7 +98,9 @@ class GatewayClose:
     stragglers: list[int]  # positions of late updates
 
 
-def close_gateway(arrivals: Sequence[float], deadline_s: float | None, start_s: float) -> GatewayClose:
+def close_gateway(
+    arrivals: Sequence[float], deadline_s: float | None, start_s: float
+) -> GatewayClose:
     """Deadline rule: wait for every update, or only until ``deadline_s`` after round start.
 
     With a deadline and late devices, the gateway closes exactly at the deadline

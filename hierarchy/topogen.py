@@ -106,9 +106,7 @@ _CELLS: dict[str, _Cell] = {
 }
 
 
-def generate_topology(
-    gateways: int, devices_per_gateway: int, profile: str, seed: int
-) -> nx.Graph:
+def generate_topology(gateways: int, devices_per_gateway: int, profile: str, seed: int) -> nx.Graph:
     """Build a device -> gateway -> cloud tree as an undirected ``nx.Graph``.
 
     Node ids: ``cloud``, ``gw00``..., ``gw00-d000``... (zero-padded so lexical order is the
@@ -181,7 +179,15 @@ def write_topology(g: nx.Graph, path: str | Path) -> Path:
     out.graph.update(g.graph)
     out.add_nodes_from(nodes)
     out.add_edges_from(g.edges(data=True))
-    nx.write_graphml(out, p, prettyprint=True)
+    # Key ids equal to attribute names (<data key="latency_ms">) keep the file readable;
+    # only safe when no name is reused across graph/node/edge scopes (ids must be unique).
+    scopes = [
+        set(out.graph),
+        {k for _, d in out.nodes(data=True) for k in d},
+        {k for *_, d in out.edges(data=True) for k in d},
+    ]
+    named = sum(len(s) for s in scopes) == len(set().union(*scopes))
+    nx.write_graphml(out, p, prettyprint=True, named_key_ids=named)
     return p
 
 

@@ -208,7 +208,9 @@ def _build(g: nx.Graph, source: str, name: str) -> Topology:
             raise fail(f"node {nid!r} has no 'tier' attribute (expected one of {', '.join(TIERS)})")
         tier = str(raw).strip().lower()
         if tier not in TIERS:
-            raise fail(f"node {nid!r} has unknown tier {raw!r} (expected one of {', '.join(TIERS)})")
+            raise fail(
+                f"node {nid!r} has unknown tier {raw!r} (expected one of {', '.join(TIERS)})"
+            )
         tier_of[nid] = tier
         attrs_of[nid] = data
 
@@ -240,6 +242,10 @@ def _build(g: nx.Graph, source: str, name: str) -> Topology:
             raise fail(f"edge {u!r} -- {v!r} is a self-loop")
         multi.add_edge(u, v)
         tu, tv = tier_of[u], tier_of[v]
+        # Name edges parent-first (cloud, gateway, device; then natural order) so a message
+        # does not depend on how the file happened to store an undirected edge.
+        if (TIERS.index(tv), natural_key(v)) < (TIERS.index(tu), natural_key(u)):
+            u, v, tu, tv = v, u, tv, tu
         pair = {tu, tv}
         if pair == {"device", "gateway"}:
             dev, gw = (u, v) if tu == "device" else (v, u)
@@ -257,9 +263,7 @@ def _build(g: nx.Graph, source: str, name: str) -> Topology:
                 "devices attach to a gateway"
             )
         elif pair == {"device"}:
-            raise fail(
-                f"edge {u!r} -- {v!r} links two devices; a device links only to its gateway"
-            )
+            raise fail(f"edge {u!r} -- {v!r} links two devices; a device links only to its gateway")
         else:  # gateway -- gateway (cloud -- cloud is impossible with one cloud and no loops)
             raise fail(
                 f"edge {u!r} -- {v!r} links two gateways; a gateway links only to the cloud "
@@ -298,12 +302,14 @@ def _build(g: nx.Graph, source: str, name: str) -> Topology:
     devices: dict[str, DeviceNode] = {}
     for gw in gateway_ids:
         members = tuple(sorted(devices_by_gw[gw], key=natural_key))
-        backhaul = _link(edge_attrs[(cloud, gw)], f"edge {cloud!r} -- {gw!r}",
-                         DEFAULT_BACKHAUL_KIND, fail)
+        backhaul = _link(
+            edge_attrs[(cloud, gw)], f"edge {cloud!r} -- {gw!r}", DEFAULT_BACKHAUL_KIND, fail
+        )
         gateways[gw] = GatewayNode(id=gw, link=backhaul, devices=members)
         for dev in members:
-            link = _link(edge_attrs[(gw, dev)], f"edge {gw!r} -- {dev!r}",
-                         DEFAULT_DEVICE_LINK_KIND, fail)
+            link = _link(
+                edge_attrs[(gw, dev)], f"edge {gw!r} -- {dev!r}", DEFAULT_DEVICE_LINK_KIND, fail
+            )
             devices[dev] = _device(dev, gw, attrs_of[dev], link, fail)
     return Topology(name=name, cloud=cloud, gateways=gateways, devices=devices)
 
@@ -369,35 +375,46 @@ def _required(value: float | None, attr: str, where: str, fail: _Fail) -> float:
 def _link(data: Mapping[str, Any], where: str, default_kind: str, fail: _Fail) -> Link:
     latency = _required(
         _get(data, "latency_ms", where, fail, default=None, minimum=0.0, unit="ms"),
-        "latency_ms", where, fail,
+        "latency_ms",
+        where,
+        fail,
     )
-    bw = _get(data, "bandwidth_mbps", where, fail, default=None, minimum=0.0, strict=True,
-              unit="Mbps")
+    bw = _get(
+        data, "bandwidth_mbps", where, fail, default=None, minimum=0.0, strict=True, unit="Mbps"
+    )
     up = _get(data, "up_mbps", where, fail, default=bw, minimum=0.0, strict=True, unit="Mbps")
-    down = _get(data, "down_mbps", where, fail, default=bw, minimum=0.0, strict=True,
-                unit="Mbps")
+    down = _get(data, "down_mbps", where, fail, default=bw, minimum=0.0, strict=True, unit="Mbps")
     if up is None or down is None:
         missing = "up_mbps" if up is None else "down_mbps"
         raise fail(f"{where}: no bandwidth (set bandwidth_mbps, or {missing})")
-    jitter = _get(data, "jitter_ms", where, fail, default=DEFAULT_JITTER_MS, minimum=0.0,
-                  unit="ms")
-    loss = _get(data, "loss", where, fail, default=DEFAULT_LOSS, minimum=0.0, maximum=1.0,
-                max_exclusive=True)
+    jitter = _get(data, "jitter_ms", where, fail, default=DEFAULT_JITTER_MS, minimum=0.0, unit="ms")
+    loss = _get(
+        data,
+        "loss",
+        where,
+        fail,
+        default=DEFAULT_LOSS,
+        minimum=0.0,
+        maximum=1.0,
+        max_exclusive=True,
+    )
     raw_kind = data.get("link")
     kind = default_kind if raw_kind is None else str(raw_kind).strip().lower()
     if not kind:
         raise fail(f"{where}: attribute link is empty (e.g. 5g, lte, wifi, fiber)")
     assert jitter is not None and loss is not None
-    return Link(latency_ms=latency, up_mbps=up, down_mbps=down, jitter_ms=jitter, loss=loss,
-                kind=kind)
+    return Link(
+        latency_ms=latency, up_mbps=up, down_mbps=down, jitter_ms=jitter, loss=loss, kind=kind
+    )
 
 
 def _device(dev: str, gw: str, data: Mapping[str, Any], link: Link, fail: _Fail) -> DeviceNode:
     where = f"device {dev!r}"
     flops = _required(
-        _get(data, "flops", where, fail, default=None, minimum=0.0, strict=True,
-             unit="FLOP/s"),
-        "flops", where, fail,
+        _get(data, "flops", where, fail, default=None, minimum=0.0, strict=True, unit="FLOP/s"),
+        "flops",
+        where,
+        fail,
     )
     samples_f = _get(data, "samples", where, fail, default=None, minimum=1.0)
     samples: int | None = None
@@ -405,11 +422,28 @@ def _device(dev: str, gw: str, data: Mapping[str, Any], link: Link, fail: _Fail)
         if not samples_f.is_integer():
             raise fail(f"{where}: samples must be an integer, got {samples_f:g}")
         samples = int(samples_f)
-    availability = _get(data, "availability", where, fail, default=DEFAULT_AVAILABILITY,
-                        minimum=0.0, maximum=1.0)
-    battery = _get(data, "battery_mwh", where, fail, default=DEFAULT_BATTERY_MWH, minimum=0.0,
-                   allow_inf=True, unit="mWh")
+    availability = _get(
+        data, "availability", where, fail, default=DEFAULT_AVAILABILITY, minimum=0.0, maximum=1.0
+    )
+    battery = _get(
+        data,
+        "battery_mwh",
+        where,
+        fail,
+        default=DEFAULT_BATTERY_MWH,
+        minimum=0.0,
+        allow_inf=True,
+        unit="mWh",
+    )
     power = _get(data, "power_w", where, fail, default=DEFAULT_POWER_W, minimum=0.0, unit="W")
     assert availability is not None and battery is not None and power is not None
-    return DeviceNode(id=dev, gateway=gw, flops=flops, samples=samples,
-                      availability=availability, battery_mwh=battery, power_w=power, link=link)
+    return DeviceNode(
+        id=dev,
+        gateway=gw,
+        flops=flops,
+        samples=samples,
+        availability=availability,
+        battery_mwh=battery,
+        power_w=power,
+        link=link,
+    )

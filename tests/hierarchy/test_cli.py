@@ -1,0 +1,59 @@
+import pytest
+
+from hierarchy.cli import main
+
+from .test_emulate import SMOKE
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["emulate", str(SMOKE), "--rounds", "0"], "--rounds: must be >= 1"),
+        (["emulate", str(SMOKE), "--rounds", "two"], "not a valid int"),
+        (["emulate", str(SMOKE), "--dataset", "cifar"], "invalid choice: 'cifar'"),
+        (["emulate", str(SMOKE), "--lr", "-1"], "--lr: must be > 0"),
+        (["emulate", str(SMOKE), "--strategy", "fedprox"], "invalid choice: 'fedprox'"),
+        (["emulate"], "the following arguments are required: topology"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_flags_exit_2_with_a_clear_message(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_bad_topology_files_exit_2(tmp_path, capsys):
+    assert main(["emulate", str(tmp_path / "missing.graphml")]) == 2
+    assert "missing.graphml" in capsys.readouterr().err
+    bad = tmp_path / "bad.graphml"
+    bad.write_text("this is not graphml")
+    assert main(["emulate", str(bad)]) == 2
+    assert "bad.graphml" in capsys.readouterr().err
+
+
+def test_momentum_must_be_below_one(capsys):
+    assert main(["emulate", str(SMOKE), "--server-momentum", "1.0"]) == 2
+    assert "--server-momentum must be < 1" in capsys.readouterr().err
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["emulate", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in (
+        "--rounds",
+        "--dataset",
+        "--seed",
+        "--out",
+        "--deadline-s",
+        "--strategy",
+        "--backend",
+        "--trainers",
+        "--gateway-hosts",
+        "--alpha",
+        "--max-steps",
+    ):
+        assert flag in text

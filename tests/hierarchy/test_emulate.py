@@ -1,0 +1,132 @@
+"""End to end: `tierfl emulate` on the bundled smoke topology through real Ray actors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hierarchy.emulate import EmulationConfig, LocalConfig, run_emulation
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = ROOT / "topologies" / "smoke.graphml"
+WALL_KEYS = {"wall_s", "wall_train_s"}
+
+
+def _strip_wall(report: dict) -> dict:
+    out = json.loads(json.dumps(report))
+    for r in out["rounds"]:
+        for k in WALL_KEYS:
+            r.pop(k)
+    out.pop("summary")
+    out.pop("placement")
+    out["config"].pop("backend")
+    out["config"].pop("out")
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("emu")
+    cmd = [
+        sys.executable,
+        "-m",
+        "hierarchy.cli",
+        "emulate",
+        str(SMOKE),
+        "--dataset",
+        "digits",
+        "--rounds",
+        "6",
+        "--seed",
+        "3",
+        "--lr",
+        "0.1",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "report:" in proc.stdout
+    return out, json.loads((out / "report.json").read_text()), proc
+
+
+def test_ray_emulation_learns_and_report_is_complete(ray_report):
+    out, report, _proc = ray_report
+    assert report["placement"]["backend"] == "ray"
+    assert report["placement"]["trainers"] >= 1 and report["placement"]["gateway_hosts"] >= 1
+    rounds = report["rounds"]
+    assert len(rounds) == 6
+    first_acc = report["initial"]["accuracy"]
+    assert rounds[-1]["accuracy"] > first_acc + 0.3, (first_acc, rounds[-1]["accuracy"])
+    n_dev = report["topology"]["devices"]
+    for r in rounds:
+        assert r["participants"] + r["unavailable"] + r["stragglers"] == n_dev
+        lat = r["device_latency_s"]
+        assert 0 < lat["p50"] <= lat["p95"] <= lat["max"] <= r["latency_s"]
+        crit = r["breakdown_critical_s"]
+        assert sum(crit.values()) == pytest.approx(r["latency_s"], rel=1e-9)
+        assert r["bytes"]["device_up"] == r["bytes"]["update_bytes_mean"] * r["selected"]
+        assert r["bytes"]["update_bytes_max"] > 4 * report["model"]["params"]
+        assert r["wall_s"] > 0
+    versions = [r["model_version"] for r in rounds]
+    assert versions == sorted(set(versions))
+    assert (out / "accuracy_vs_time.png").stat().st_size > 1000
+    assert (out / "latency_breakdown.png").stat().st_size > 1000
+
+
+def test_same_seed_same_report_across_backends(ray_report):
+    """The virtual clock and training do not depend on the placement (Ray vs in-process)."""
+    _, report, _ = ray_report
+    cfg = EmulationConfig(
+        topology=SMOKE,
+        rounds=6,
+        dataset="digits",
+        seed=3,
+        out=None,
+        local=LocalConfig(lr=0.1),
+        backend="local",
+        plots=False,
+    )
+    local = run_emulation(cfg, progress=False)
+    a, b = _strip_wall(report), _strip_wall(local)
+    for ra, rb in zip(a["rounds"], b["rounds"], strict=True):
+        for key in ("accuracy", "loss", "train_loss", "update_norm"):
+            assert ra.pop(key) == pytest.approx(rb.pop(key), rel=1e-4, abs=1e-6)
+        ra.pop("model_hash"), rb.pop("model_hash")
+        assert ra == rb
+    again = run_emulation(cfg, progress=False)
+    assert _strip_wall(again) == _strip_wall(local)  # bit-identical in one placement
+
+
+def test_deadline_produces_stragglers_and_excludes_them():
+    cfg = EmulationConfig(
+        topology=SMOKE, rounds=1, dataset="digits", seed=0, backend="local", plots=False
+    )
+    free = run_emulation(cfg, progress=False)["rounds"][0]
+    deadline = free["device_latency_s"]["p50"]
+    cut = run_emulation(
+        EmulationConfig(
+            topology=SMOKE,
+            rounds=1,
+            dataset="digits",
+            seed=0,
+            backend="local",
+            plots=False,
+            deadline_s=deadline,
+        ),
+        progress=False,
+    )["rounds"][0]
+    assert cut["stragglers"] > 0
+    assert cut["participants"] == free["participants"] - cut["stragglers"]
+    assert cut["latency_s"] <= deadline + max(cut["breakdown_mean_s"]["gateway_to_cloud"] * 10, 0.1)
