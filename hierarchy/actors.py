@@ -215,10 +215,16 @@ class GatewayHost:
             arrivals = [float(a) for s in subs for a in s.arrivals]
             closed = close_gateway(arrivals, deadline_s, starts[g])
             partial = PartialAggregate.empty(g, round_, self._num_params)
+            rejected = 0
             if closed.included and subs:
                 deltas = np.concatenate([s.deltas for s in subs])
                 weights = np.concatenate([s.weights for s in subs])
-                inc = closed.included
+                inc = np.asarray(closed.included)
+                # A diverged device (NaN/Inf) is refused here, as a real gateway would, so one
+                # bad update cannot poison the global model.
+                finite = np.isfinite(deltas[inc]).all(axis=1)
+                rejected = int((~finite).sum())
+                inc = inc[finite]
                 partial.add_batch([devices[i] for i in inc], deltas[inc], weights[inc])
             uplink = gateway_uplink(
                 node, self._index[g], seed=self._seed, round_=round_, nbytes=partial.nbytes
@@ -230,6 +236,7 @@ class GatewayHost:
                     "uplink_s": uplink,
                     "uplink_bytes": partial.nbytes,
                     "stragglers": len(closed.stragglers),
+                    "rejected": rejected,
                 }
             )
         # Drop buffers of rounds that were never closed (a crashed driver loop).

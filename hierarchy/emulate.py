@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -325,6 +326,7 @@ class Emulation:
             "unavailable": unavailable,
             "participants": int(applied["devices"]),
             "stragglers": int(sum(c["stragglers"] for c in closes)),
+            "rejected": int(sum(c["rejected"] for c in closes)),
             "gateways_delivered": int(applied["gateways"]),
             "latency_s": round_s,
             "device_latency_s": _percentiles(arrivals),
@@ -363,6 +365,9 @@ def run_emulation(
 ) -> dict[str, Any]:
     """Run a whole emulation; write ``report.json`` (and plots) into ``cfg.out`` if given."""
     t_start = time.perf_counter()
+    if progress:
+        print(f"starting the {cfg.backend} backend and building the actor tree ...",
+              file=sys.stderr, flush=True)
     emu = Emulation(cfg, topo)
     rounds: list[dict[str, Any]] = []
     try:

@@ -22,7 +22,6 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
-
 from peer_common import RoundLog, Workload, accuracy, build_mlp, train_local
 
 client_app = ClientApp()

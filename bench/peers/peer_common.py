@@ -38,9 +38,6 @@ class Workload:
         idx = self._idx[self._off[i]:self._off[i + 1]]
         return self.x_train[idx], self.y_train[idx]
 
-    def client_sizes(self) -> np.ndarray:
-        return np.diff(self._off)
-
 
 def build_mlp() -> nn.Sequential:
     """The benchmark model, 64-64-10, with the initial weights every framework starts from."""
