@@ -54,7 +54,7 @@ PEER_REQUIREMENTS = {
 }
 FRAMEWORKS = ("tierfl", "flower", "pfl")
 TARGET_N = 1000
-# Targets at N = TARGET_N (see the module docstring of the bench brief).
+# What tierfl is expected to reach against each peer at N = TARGET_N.
 TARGETS = {
     "steady_vs_flower": 100.0,   # tierfl steady-state >= 100x Flower's
     "steady_vs_pfl": 4.0,        # tierfl steady-state >= 4x pfl's
@@ -62,8 +62,22 @@ TARGETS = {
     "e2e_vs_pfl": 0.5,           # tierfl end-to-end within 2x of pfl
     "acc_points": 1.0,           # final accuracy within 1 point of each peer
 }
-WORKLOAD = {"dataset": "digits", "alpha": 0.5, "seed": 0, "epochs": 1, "batch_size": 16,
-            "lr": 0.05, "model": "mlp"}
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """The one workload all three frameworks run (tierfl gets it as CLI flags)."""
+
+    dataset: str = "digits"
+    alpha: float = 0.5
+    seed: int = 0
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 0.05
+    model: str = "mlp"
+
+
+WORKLOAD = WorkloadSpec()
 
 
 def _psutil() -> Any:
@@ -133,12 +147,12 @@ def write_workload(n: int, path: Path) -> dict[str, Any]:
     x = (d.data / 16.0).astype(np.float32)
     y = d.target.astype(np.int64)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
-    parts = dirichlet_partition(y_tr, n, WORKLOAD["alpha"], seed=WORKLOAD["seed"])
+    parts = dirichlet_partition(y_tr, n, WORKLOAD.alpha, seed=WORKLOAD.seed)
     sizes = np.array([len(p) for p in parts], dtype=np.int64)
     offsets = np.concatenate(([0], np.cumsum(sizes)))
     np.savez(path, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te,
              client_idx=np.concatenate(parts), client_offsets=offsets,
-             lr=WORKLOAD["lr"], batch_size=WORKLOAD["batch_size"], epochs=WORKLOAD["epochs"])
+             lr=WORKLOAD.lr, batch_size=WORKLOAD.batch_size, epochs=WORKLOAD.epochs)
     return {"clients": n, "train": len(y_tr), "test": len(y_te),
             "client_size_min": int(sizes.min()), "client_size_max": int(sizes.max()),
             "tierfl_partition_match": _matches_tierfl(n, x_tr, y_tr, x_te, y_te, parts)}
@@ -152,7 +166,7 @@ def _matches_tierfl(n: int, x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray
     except ImportError as e:
         print(f"[warn] cannot check tierfl's partition ({e})", flush=True)
         return None
-    fed = load_federated(WORKLOAD["dataset"], n, seed=WORKLOAD["seed"], alpha=WORKLOAD["alpha"])
+    fed = load_federated(WORKLOAD.dataset, n, seed=WORKLOAD.seed, alpha=WORKLOAD.alpha)
     ok = (len(fed.devices) == n and np.array_equal(fed.x_test, x_te)
           and np.array_equal(fed.y_test, y_te)
           and all(np.array_equal(dev.x_train, x_tr[p]) and np.array_equal(dev.y_train, y_tr[p])
@@ -275,34 +289,46 @@ def _from_peer_file(framework: str, n: int, rounds: int, run: Run, out: Path,
     )
 
 
-def run_flower(n: int, rounds: int, npz: Path, work: Path) -> Result:
+def run_flower(n: int, rounds: int, npz: Path, work: Path, repeat: int) -> Result:
     python = ensure_venv("flower")
-    out = work / f"flower-{n}.json"
-    load = os.getloadavg()[0]
-    run = measure([str(python), str(PEERS_DIR / "flower_peer.py"), "--npz", str(npz),
-                   "--rounds", str(rounds), "--out", str(out)],
-                  work / f"flower-{n}.log", PEERS_DIR, _peer_env())
-    return _from_peer_file("flower", n, rounds, run, out, load)
+    tried: list[Result] = []
+    for i in range(repeat):
+        out = work / f"flower-{n}-r{i}.json"
+        load = os.getloadavg()[0]
+        run = measure([str(python), str(PEERS_DIR / "flower_peer.py"), "--npz", str(npz),
+                       "--rounds", str(rounds), "--out", str(out)],
+                      work / f"flower-{n}-r{i}.log", PEERS_DIR, _peer_env())
+        tried.append(_announce(_from_peer_file("flower", n, rounds, run, out, load), "flower"))
+    return _best(tried)
 
 
-def run_pfl(n: int, rounds: int, npz: Path, work: Path, workers: list[int]) -> Result:
+def run_pfl(n: int, rounds: int, npz: Path, work: Path, workers: list[int],
+            repeat: int) -> Result:
     """pfl in each worker count asked for; the best steady state is pfl's result."""
     python = ensure_venv("pfl")
     tried: list[Result] = []
     for k in workers:
-        out = work / f"pfl-{n}-w{k}.json"
-        load = os.getloadavg()[0]
-        run = measure([str(python), str(PEERS_DIR / "pfl_peer.py"), "--npz", str(npz),
-                       "--rounds", str(rounds), "--out", str(out), "--workers", str(k)],
-                      work / f"pfl-{n}-w{k}.log", PEERS_DIR, _peer_env())
-        r = _from_peer_file("pfl", n, rounds, run, out, load)
-        print(f"    pfl with {k} worker(s): {r.steady_updates_per_s:,.0f} updates/s steady, "
-              f"{r.e2e_s:.1f} s end to end", flush=True)
-        tried.append(r)
-    best = max(tried, key=lambda r: r.steady_updates_per_s)
-    best.extra["tried"] = [{"config": r.config, "steady_updates_per_s": r.steady_updates_per_s,
-                            "e2e_s": r.e2e_s, "peak_rss_mb": r.peak_rss_mb} for r in tried]
-    return best
+        for i in range(repeat):
+            out = work / f"pfl-{n}-w{k}-r{i}.json"
+            load = os.getloadavg()[0]
+            run = measure([str(python), str(PEERS_DIR / "pfl_peer.py"), "--npz", str(npz),
+                           "--rounds", str(rounds), "--out", str(out), "--workers", str(k)],
+                          work / f"pfl-{n}-w{k}-r{i}.log", PEERS_DIR, _peer_env())
+            r = _from_peer_file("pfl", n, rounds, run, out, load)
+            tried.append(_announce(r, f"pfl with {k} worker(s)"))
+    return _best(tried)
+
+
+def _announce(r: Result, what: str) -> Result:
+    busy = " (machine busy: numbers noisy)" if _busy(r.load_avg_before) else ""
+    print(f"    {what}: {r.steady_updates_per_s:,.0f} updates/s steady, {r.e2e_s:.1f} s end to "
+          f"end, load {r.load_avg_before:.1f}{busy}", flush=True)
+    return r
+
+
+def _busy(load: float) -> bool:
+    """Others are using the CPUs: a 1-min load above 3/4 of the cores before a run starts."""
+    return load > 0.75 * (os.cpu_count() or 1)
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -311,7 +337,17 @@ def _grid(n: int) -> tuple[int, int]:
     return g, n // g
 
 
-def run_tierfl(n: int, rounds: int, work: Path, backend: str) -> Result:
+def _best(tried: list[Result]) -> Result:
+    """A framework's result is its variant with the best steady state; the rest stay on record."""
+    best = max(tried, key=lambda r: r.steady_updates_per_s)
+    best.extra["tried"] = [{"config": r.config, "steady_updates_per_s": r.steady_updates_per_s,
+                            "e2e_s": r.e2e_s, "peak_rss_mb": r.peak_rss_mb,
+                            "final_accuracy": r.final_accuracy} for r in tried]
+    return best
+
+
+def run_tierfl(n: int, rounds: int, work: Path, backends: list[str], repeat: int) -> Result:
+    """`tierfl emulate` on a zero-cost G x D topology, once per backend asked for."""
     g, per = _grid(n)
     topo = work / f"tierfl-{g}x{per}.graphml"
     cli = [sys.executable, "-m", "hierarchy.cli"]
@@ -320,17 +356,27 @@ def run_tierfl(n: int, rounds: int, work: Path, backend: str) -> Result:
                           "-o", str(topo)], cwd=ROOT, capture_output=True, text=True)
     if gen.returncode != 0:
         raise RuntimeError(f"tierfl topology generate failed:\n{gen.stdout}{gen.stderr}")
-    out_dir = work / f"tierfl-{n}"
+    tried = []
+    for backend in backends:
+        for i in range(repeat):
+            r = _run_tierfl_once(n, rounds, work, cli, topo, f"{g}x{per}", backend, i)
+            tried.append(_announce(r, f"tierfl with backend {backend}"))
+    return _best(tried)
+
+
+def _run_tierfl_once(n: int, rounds: int, work: Path, cli: list[str], topo: Path, grid: str,
+                     backend: str, i: int) -> Result:
+    out_dir = work / f"tierfl-{n}-{backend}-r{i}"
     w = WORKLOAD
-    cmd = [*cli, "emulate", str(topo), "--rounds", str(rounds), "--dataset", w["dataset"],
-           "--seed", str(w["seed"]), "--alpha", str(w["alpha"]), "--epochs", str(w["epochs"]),
-           "--batch-size", str(w["batch_size"]), "--lr", str(w["lr"]), "--model", w["model"],
+    cmd = [*cli, "emulate", str(topo), "--rounds", str(rounds), "--dataset", w.dataset,
+           "--seed", str(w.seed), "--alpha", str(w.alpha), "--epochs", str(w.epochs),
+           "--batch-size", str(w.batch_size), "--lr", str(w.lr), "--model", w.model,
            "--strategy", "fedavg", "--backend", backend, "--out", str(out_dir),
            "--no-plots", "--quiet"]
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     load = os.getloadavg()[0]
-    run = measure(cmd, work / f"tierfl-{n}.log", ROOT, env)
+    run = measure(cmd, work / f"tierfl-{n}-{backend}-r{i}.log", ROOT, env)
     report_path = out_dir / "report.json"
     if run.returncode != 0 or not report_path.exists():
         raise RuntimeError(f"tierfl at N={n} failed (exit {run.returncode}); "
@@ -343,9 +389,9 @@ def run_tierfl(n: int, rounds: int, work: Path, backend: str) -> Result:
               flush=True)
     steady_wall = sum(r["wall_s"] for r in rs[1:])
     pl = rep.get("placement", {})
-    config = (f"tierfl {rep.get('tierfl', '?')} `tierfl emulate` backend {pl.get('backend')}, "
-              f"{pl.get('trainers')} cohort trainer(s), {pl.get('gateway_hosts')} gateway host(s), "
-              f"topology {g}x{per} profile zero, FedAvg")
+    config = (f"tierfl {rep.get('tierfl', '?')} `tierfl emulate --backend {backend}` "
+              f"({pl.get('trainers')} cohort trainer(s), {pl.get('gateway_hosts')} gateway "
+              f"host(s)), topology {grid} profile zero, FedAvg")
     return Result(
         framework="tierfl", clients=n, rounds=rounds, config=config, version=str(rep.get("tierfl")),
         e2e_s=run.t_exit - run.t_start,
@@ -407,15 +453,20 @@ def print_report(results: list[Result], rows: list[dict[str, Any]]) -> None:
         print(f"{r.framework:<8} {r.clients:>6} {r.e2e_s:>8.2f} {r.steady_updates_per_s:>13,.0f} "
               f"{r.peak_rss_mb:>12,.0f} {r.peak_processes:>5} {r.final_accuracy:>9.4f} "
               f"{r.load_avg_before:>5.1f}")
-    print("\nconfigurations:")
-    seen = set()
+    print("\nconfigurations (each framework's best variant; others tried are in the JSON):")
     for r in results:
-        if (r.framework, r.config) not in seen:
-            seen.add((r.framework, r.config))
-            print(f"  {r.framework}: {r.config}")
+        print(f"  N={r.clients:<5} {r.framework}: {r.config}")
+        for t in r.extra.get("tried", []):
+            if t["config"] != r.config:
+                print(f"  {'':7} also tried: {t['config']} -> "
+                      f"{t['steady_updates_per_s']:,.0f} updates/s steady, {t['e2e_s']:.1f} s e2e")
     print("  e2e: peers = process start -> final accuracy; "
           "tierfl = process start -> process exit (upper bound)")
-    print("  'load' = 1-min load average just before the run (noise indicator; 2 cores)")
+    print(f"  'load' = 1-min load average just before the run ({os.cpu_count()} cores)")
+    busy = [r for r in results if _busy(r.load_avg_before)]
+    if busy:
+        print(f"  [warn] {len(busy)} result(s) started on a busy machine (load > 3/4 of the "
+              "cores): others were using the CPU; re-run quiet or with --repeat 3")
     if not rows:
         return
     print("\n=== tierfl vs peers ===")
@@ -449,8 +500,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="write machine-readable results here")
     ap.add_argument("--pfl-workers", default="1,2",
                     help="pfl worker counts to try; the fastest steady state counts (default 1,2)")
-    ap.add_argument("--tierfl-backend", choices=("ray", "local"), default="ray",
-                    help="tierfl emulate --backend (default ray)")
+    ap.add_argument("--tierfl-backends", default="ray,local",
+                    help="tierfl emulate --backend values to try; the fastest steady state "
+                         "counts (default ray,local)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs per framework variant; the best steady state counts (default 1; "
+                         "use 2-3 on a shared machine)")
     ap.add_argument("--workdir", type=Path, default=BENCH / ".runs",
                     help="where workloads, logs and per-run outputs go (default bench/.runs)")
     args = ap.parse_args(argv)
@@ -462,9 +517,16 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--only: unknown framework(s) {bad}; choose from {', '.join(FRAMEWORKS)}")
     if args.rounds < 2:
         ap.error("--rounds must be >= 2 (steady state is rounds 2..R)")
+    if args.repeat < 1:
+        ap.error("--repeat must be >= 1")
     if any(c < 1 for c in clients) or not clients:
         ap.error("--clients must be positive integers")
     pfl_workers = [int(k) for k in args.pfl_workers.split(",") if k.strip()]
+    tierfl_backends = [b.strip() for b in args.tierfl_backends.split(",") if b.strip()]
+    if not tierfl_backends or any(b not in ("ray", "local") for b in tierfl_backends):
+        ap.error("--tierfl-backends: choose from ray,local")
+    if not pfl_workers or any(k < 1 for k in pfl_workers):
+        ap.error("--pfl-workers must be positive integers")
 
     work = args.workdir / time.strftime("%Y%m%d-%H%M%S")
     work.mkdir(parents=True, exist_ok=True)
@@ -486,11 +548,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"  running {fw} ...", flush=True)
             if fw == "tierfl":
-                r = run_tierfl(n, args.rounds, work, args.tierfl_backend)
+                r = run_tierfl(n, args.rounds, work, tierfl_backends, args.repeat)
             elif fw == "flower":
-                r = run_flower(n, args.rounds, npz, work)
+                r = run_flower(n, args.rounds, npz, work, args.repeat)
             else:
-                r = run_pfl(n, args.rounds, npz, work, pfl_workers)
+                r = run_pfl(n, args.rounds, npz, work, pfl_workers, args.repeat)
             print(f"  {fw}: {r.e2e_s:.1f} s end to end, {r.steady_updates_per_s:,.0f} updates/s "
                   f"steady, peak {r.peak_rss_mb:,.0f} MB, accuracy {r.final_accuracy:.4f}",
                   flush=True)
@@ -503,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                         "python": platform.python_version()},
-            "workload": {**WORKLOAD, "rounds": args.rounds, "partitions": workloads},
+            "workload": {**asdict(WORKLOAD), "rounds": args.rounds, "partitions": workloads},
             "targets_at_clients": TARGET_N, "targets": TARGETS,
             "results": [asdict(r) for r in results],
             "comparisons": rows,

@@ -164,10 +164,19 @@ class CohortTrainer:
         weight = np.zeros((total_steps, m, cfg.batch_size), dtype=np.float32)
         width = np.zeros(total_steps, dtype=np.int64)
         for j, (size, seed) in enumerate(zip(sizes, seeds, strict=True)):
+            if size <= cfg.batch_size:
+                # Every batch is the whole device, only its order is random, and
+                # a mean does not care about order: skip the RNG (most of the
+                # set-up cost when devices are tiny). Differs from train_device
+                # only in floating-point summation order.
+                index[: steps[j], j, :size] = np.arange(offsets[j], offsets[j] + size)
+                weight[: steps[j], j, :size] = 1.0 / size
+                width[: steps[j]] = np.maximum(width[: steps[j]], size)
+                continue
             for s, idx in enumerate(batch_plan(size, cfg, seed)):
                 k = len(idx)
                 index[s, j, :k] = idx + offsets[j]
-                weight[s, j, :k] = np.float32(1.0) / np.float32(k)
+                weight[s, j, :k] = 1.0 / k
                 width[s] = max(width[s], k)
         # Devices are sorted by steps: those with steps <= s form a prefix.
         first = np.searchsorted(steps, np.arange(total_steps), side="right")

@@ -132,13 +132,14 @@ def train_device(
             delta=np.zeros(expected, dtype=np.float32), num_samples=len(y), steps=0, loss=0.0
         )
 
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+    # Batches are gathered in numpy: the gather copies anyway, and it keeps
+    # torch away from the (often read-only, shared) dataset arrays.
+    x = np.asarray(x, dtype=np.float32)
+    y = np.asarray(y, dtype=np.int64)
     params = [p for p in model.parameters() if p.requires_grad]
     total_loss = 0.0
     for idx in plan:
-        index = torch.from_numpy(idx)
-        loss = F.cross_entropy(model(xt[index]), yt[index])
+        loss = F.cross_entropy(model(torch.from_numpy(x[idx])), torch.from_numpy(y[idx]))
         grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
             torch._foreach_add_(params, grads, alpha=-cfg.lr)

@@ -52,7 +52,29 @@ def model_nbytes(num_params: int) -> int:
     return 4 * num_params + MODEL_HEADER_BYTES
 
 
-class CohortHost:
+def where() -> dict[str, Any]:
+    """Which process and Ray node an actor landed on (for the report's placement section)."""
+    import os
+    import socket
+    import sys
+
+    node = None
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()
+    return {"pid": os.getpid(), "host": socket.gethostname(), "node": node}
+
+
+class Placed:
+    """Mixin: every actor can say where it runs."""
+
+    def where(self) -> dict[str, Any]:
+        return where()
+
+
+class CohortHost(Placed):
     """Trains a pool of logical devices, vectorized, and delivers their updates to gateways."""
 
     def __init__(
@@ -172,7 +194,7 @@ class _Submission:
     arrivals: np.ndarray
 
 
-class GatewayHost:
+class GatewayHost(Placed):
     """Hosts several logical gateways: buffers their devices' updates, closes rounds."""
 
     def __init__(
@@ -245,7 +267,7 @@ class GatewayHost:
         return out
 
 
-class CoordinatorHost:
+class CoordinatorHost(Placed):
     """The cloud coordinator: applies partial aggregates, versions, evaluates."""
 
     def __init__(

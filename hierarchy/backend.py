@@ -122,6 +122,9 @@ class RayBackend(Backend):
             if address:
                 kwargs["address"] = address
             else:
+                # "local" forces a fresh private cluster: a bare ray.init() would silently join
+                # any cluster someone started on this machine with `ray start`.
+                kwargs["address"] = "local"
                 kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
                 # Small object store: partial aggregates and parameter vectors are MBs, and a
                 # default 30 % of RAM per local cluster adds up when tests start several.

@@ -203,13 +203,29 @@ class Emulation:
             )
             for idx in self.placement.trainers
         ]
-        # Wait until every trainer has loaded its data so set-up time is honest.
-        gather(
-            [
-                t.call("train_round", 0, np.zeros(0, np.float32), None, [], {}, 0)
-                for t in self.trainers
-            ]
-        )
+        # Wait until every actor is up (trainers have loaded their data) so set-up time is
+        # honest, and record where each landed.
+        spots = gather([a.call("where") for a in [self.coordinator, *self.hosts, *self.trainers]])
+        self._where = {
+            "coordinator": spots[0],
+            "hosts": spots[1 : 1 + len(self.hosts)],
+            "trainers": spots[1 + len(self.hosts) :],
+        }
+
+    def describe_placement(self) -> dict[str, Any]:
+        """Which process/node hosts what: the logical tree mapped onto actors."""
+        return {
+            "backend": self.backend.name,
+            "coordinator": self._where["coordinator"],
+            "gateway_hosts": [
+                {"gateways": plan.gateways, **w}
+                for plan, w in zip(self.placement.gateway_hosts, self._where["hosts"], strict=True)
+            ],
+            "trainers": [
+                {"devices": len(idx), **w}
+                for idx, w in zip(self.placement.trainers, self._where["trainers"], strict=True)
+            ],
+        }
 
     def select(self, round_: int) -> tuple[list[int], int]:
         """Devices that are available this round (a seeded coin per device)."""
@@ -426,11 +442,7 @@ def build_report(
             "params": emu.num_params,
             "initial_hash": emu.initial_hash,
         },
-        "placement": {
-            "backend": emu.backend.name,
-            "trainers": len(emu.trainers),
-            "gateway_hosts": len(emu.hosts),
-        },
+        "placement": emu.describe_placement(),
         "initial": initial,
         "rounds": rounds,
         "summary": {

@@ -64,7 +64,12 @@ def ray_report(tmp_path_factory):
 def test_ray_emulation_learns_and_report_is_complete(ray_report):
     out, report, _proc = ray_report
     assert report["placement"]["backend"] == "ray"
-    assert report["placement"]["trainers"] >= 1 and report["placement"]["gateway_hosts"] >= 1
+    placement = report["placement"]
+    assert len(placement["trainers"]) >= 1 and len(placement["gateway_hosts"]) >= 1
+    hosted = sorted(g for h in placement["gateway_hosts"] for g in h["gateways"])
+    assert hosted == ["gw00", "gw01"]
+    pids = {placement["coordinator"]["pid"]} | {t["pid"] for t in placement["trainers"]}
+    assert len(pids) == 1 + len(placement["trainers"])  # every actor its own process
     rounds = report["rounds"]
     assert len(rounds) == 6
     first_acc = report["initial"]["accuracy"]

@@ -1,0 +1,211 @@
+"""Models, single-device training and the vectorized cohort trainer.
+
+The cohort trainer is only useful if it is *the same* training as
+``train_device``, so most of this file checks that, device by device, for
+every model and for the awkward cases: devices of very different sizes, short
+last batches, ``max_steps`` and empty devices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from torch.nn import functional as F
+
+from devices.cohort import CohortTrainer
+from devices.models import (
+    build_model,
+    default_model,
+    flops_per_sample,
+    get_flat_params,
+    init_params,
+    num_params,
+    set_flat_params,
+)
+from devices.training import LocalTrainingConfig, batch_plan, num_steps, train_device
+
+SHAPES = {"mlp": ((64,), 10), "cnn1d": ((6, 128), 12), "cnn2d": ((1, 28, 28), 10)}
+
+
+# --- batch_plan ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 5, 16, 17, 40])
+def test_batch_plan_each_epoch_is_a_permutation_in_batches(n: int) -> None:
+    cfg = LocalTrainingConfig(epochs=3, batch_size=16)
+    plan = batch_plan(n, cfg, seed=7)
+    per_epoch = -(-n // 16)
+    assert len(plan) == 3 * per_epoch == num_steps(n, cfg)
+    for e in range(3):
+        batches = plan[e * per_epoch : (e + 1) * per_epoch]
+        assert [len(b) for b in batches[:-1]] == [16] * (per_epoch - 1)
+        assert 1 <= len(batches[-1]) <= 16
+        assert sorted(np.concatenate(batches).tolist()) == list(range(n))
+
+
+def test_batch_plan_is_deterministic_and_seeded() -> None:
+    cfg = LocalTrainingConfig(epochs=2, batch_size=4)
+    a, b, c = batch_plan(40, cfg, 1), batch_plan(40, cfg, 1), batch_plan(40, cfg, 2)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+    # Epochs draw fresh permutations.
+    assert not np.array_equal(np.concatenate(a[:10]), np.concatenate(a[10:]))
+
+
+def test_batch_plan_max_steps_truncates_and_empty_device_has_no_steps() -> None:
+    full = batch_plan(40, LocalTrainingConfig(epochs=2, batch_size=16), 3)
+    capped = batch_plan(40, LocalTrainingConfig(epochs=2, batch_size=16, max_steps=4), 3)
+    assert len(capped) == 4 == num_steps(40, LocalTrainingConfig(epochs=2, max_steps=4))
+    assert all(np.array_equal(x, y) for x, y in zip(capped, full[:4], strict=True))
+    assert batch_plan(0, LocalTrainingConfig(), 0) == []
+    assert batch_plan(10, LocalTrainingConfig(max_steps=0), 0) == []
+
+
+def test_config_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        LocalTrainingConfig(batch_size=0)
+    with pytest.raises(ValueError, match="max_steps"):
+        LocalTrainingConfig(max_steps=-1)
+
+
+# --- models -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn1d", "cnn2d"])
+def test_models_shapes_and_budget(name: str) -> None:
+    shape, classes = SHAPES[name]
+    model = build_model(name, shape, classes)
+    assert model(torch.zeros(3, *shape)).shape == (3, classes)
+    assert 1_000 < num_params(model) <= 15_000  # float32 update stays < 60 KB
+    assert flops_per_sample(model, shape) > 2 * num_params(model) * 0.5
+
+
+def test_mlp_on_digits_is_64_64_10_and_flops_match_hand_count() -> None:
+    model = build_model("mlp", (64,), 10)
+    assert [tuple(p.shape) for p in model.parameters()] == [(64, 64), (64,), (10, 64), (10,)]
+    assert flops_per_sample(model, (64,)) == 2 * (64 * 64 + 64 * 10)
+
+
+def test_cnn2d_flops_hand_count() -> None:
+    model = build_model("cnn2d", (1, 28, 28), 10)
+    macs = 8 * 13 * 13 * (1 * 9) + 16 * 6 * 6 * (8 * 9) + 576 * 10
+    assert flops_per_sample(model, (1, 28, 28)) == 2 * macs
+
+
+def test_default_model_and_unknown_names() -> None:
+    assert [default_model(d) for d in ("har", "fashion", "digits")] == ["cnn1d", "cnn2d", "mlp"]
+    with pytest.raises(ValueError, match="unknown model 'resnet'"):
+        build_model("resnet", (64,), 10)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        default_model("cifar")
+
+
+def test_flat_params_round_trip_and_init_params_is_seeded_privately() -> None:
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = init_params("cnn1d", (6, 128), 12, seed=5)
+    after = torch.rand(1)
+    assert torch.equal(before, after)  # caller's RNG stream untouched
+    assert np.array_equal(a, init_params("cnn1d", (6, 128), 12, seed=5))
+    assert not np.array_equal(a, init_params("cnn1d", (6, 128), 12, seed=6))
+
+    model = build_model("cnn1d", (6, 128), 12)
+    set_flat_params(model, a)
+    flat = get_flat_params(model)
+    assert flat.dtype == np.float32 and np.array_equal(flat, a)
+    with pytest.raises(ValueError, match="expected a 1-D vector of"):
+        set_flat_params(model, a[:-1])
+
+
+# --- single-device training ---------------------------------------------------------------
+
+
+def test_train_device_reduces_loss_on_digits() -> None:
+    x, y = load_digits(return_X_y=True)
+    x = (x[:400] / 16.0).astype(np.float32)
+    y = y[:400].astype(np.int64)
+    model = build_model("mlp", (64,), 10)
+    g = init_params("mlp", (64,), 10, seed=0)
+
+    def loss_at(flat: np.ndarray) -> float:
+        set_flat_params(model, flat)
+        with torch.no_grad():
+            return float(F.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y)))
+
+    cfg = LocalTrainingConfig(epochs=3, batch_size=16, lr=0.1)
+    res = train_device(model, g, x, y, cfg, seed=1)
+    assert res.steps == 3 * 25 and res.num_samples == 400
+    assert res.delta.dtype == np.float32 and res.delta.shape == g.shape
+    assert loss_at(g + res.delta) < 0.7 * loss_at(g)
+    assert np.isfinite(res.loss) and res.loss < loss_at(g)
+
+
+def test_train_device_rejects_mismatched_data() -> None:
+    model = build_model("mlp", (64,), 10)
+    g = get_flat_params(model)
+    with pytest.raises(ValueError, match="same n"):
+        train_device(model, g, np.zeros((3, 64), np.float32), np.zeros(2, np.int64),
+                     LocalTrainingConfig(), 0)
+
+
+# --- cohort == one by one -----------------------------------------------------------------
+
+
+def _devices(name: str, sizes: list[int], seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    shape, classes = SHAPES[name]
+    rng = np.random.default_rng(seed)
+    return [
+        (rng.normal(size=(n, *shape)).astype(np.float32), rng.integers(0, classes, n))
+        for n in sizes
+    ]
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn1d", "cnn2d"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        LocalTrainingConfig(epochs=2, batch_size=16, lr=0.1),
+        LocalTrainingConfig(epochs=2, batch_size=8, lr=0.05, max_steps=3),
+    ],
+    ids=["epochs2", "max_steps3"],
+)
+def test_cohort_matches_train_device_one_by_one(name: str, cfg: LocalTrainingConfig) -> None:
+    shape, classes = SHAPES[name]
+    # Unsorted sizes, an empty device, duplicates: buckets must map back to caller order.
+    sizes = [17, 1, 40, 0, 5, 17, 3]
+    data = _devices(name, sizes, seed=0)
+    seeds = [11, 12, 13, 14, 15, 16, 17]
+    model = build_model(name, shape, classes)
+    g = init_params(name, shape, classes, seed=3)
+    before = get_flat_params(model)
+
+    res = CohortTrainer(model, max_cohort=3).train(g, data, cfg, seeds)
+
+    assert np.array_equal(get_flat_params(model), before)  # architecture only, never mutated
+    assert res.deltas.shape == (len(sizes), g.size) and res.deltas.dtype == np.float32
+    assert res.num_samples.tolist() == sizes
+    for i, ((x, y), seed) in enumerate(zip(data, seeds, strict=True)):
+        ref = train_device(model, g, x, y, cfg, seed)
+        assert res.steps[i] == ref.steps == num_steps(sizes[i], cfg)
+        np.testing.assert_allclose(res.deltas[i], ref.delta, atol=1e-5, rtol=0)
+        assert res.loss[i] == pytest.approx(ref.loss, abs=1e-5)
+    assert not res.deltas[3].any() and res.steps[3] == 0 and res.loss[3] == 0.0
+
+
+def test_cohort_validates_inputs() -> None:
+    model = build_model("mlp", (64,), 10)
+    trainer = CohortTrainer(model)
+    g = get_flat_params(model)
+    data = _devices("mlp", [2, 3], seed=0)
+    with pytest.raises(ValueError, match="2 devices but 1 seeds"):
+        trainer.train(g, data, LocalTrainingConfig(), [0])
+    with pytest.raises(ValueError, match="global_params must have shape"):
+        trainer.train(g[:-1], data, LocalTrainingConfig(), [0, 1])
+    bad = [*data, (np.zeros((2, 64), np.float32), np.zeros(3, np.int64))]
+    with pytest.raises(ValueError, match="device 2"):
+        trainer.train(g, bad, LocalTrainingConfig(), [0, 1, 2])
+    empty = trainer.train(g, [], LocalTrainingConfig(), [])
+    assert empty.deltas.shape == (0, g.size)

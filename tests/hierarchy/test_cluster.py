@@ -1,0 +1,101 @@
+"""A two-node Ray cluster on one machine: a pinned gateway lands on its edge node.
+
+`ray start --head` plays the cloud node; a second `ray start --address` plays an
+edge server advertising the custom resource ``gateway:gw01``. The emulation joins
+with --ray-address and must place gw01's host actor on that node, with no code change.
+"""
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .test_emulate import ROOT, SMOKE
+
+RAY = Path(sys.executable).parent / "ray"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([str(RAY), "start", "--block", "--disable-usage-stats", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=os.environ.copy())
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+def cluster(monkeypatch):
+    if not RAY.exists():
+        pytest.skip("ray CLI not installed next to this Python")
+    # Ray >= 2.59 authenticates cluster RPCs with a shared token; every node and every
+    # driver (this test and the emulation it launches) gets the same one via the environment.
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    head = _start(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+                   "--node-ip-address=127.0.0.1", '--resources={"cloud": 1}'])
+    procs = [head]
+    try:
+        import ray
+
+        deadline = time.time() + 60
+        while True:
+            try:
+                ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+                break
+            except Exception:
+                if time.time() > deadline or head.poll() is not None:
+                    raise
+                time.sleep(1)
+        procs.append(_start([f"--address={address}", "--num-cpus=1",
+                             "--node-ip-address=127.0.0.1", '--resources={"gateway:gw01": 1}']))
+        while not any("gateway:gw01" in n["Resources"] for n in ray.nodes() if n["Alive"]):
+            if time.time() > deadline:
+                raise TimeoutError("edge node did not join")
+            time.sleep(0.5)
+        edge = next(n["NodeID"] for n in ray.nodes() if "gateway:gw01" in n["Resources"])
+        ray.shutdown()
+        yield address, edge
+    finally:
+        for p in reversed(procs):
+            _stop(p)
+
+
+def test_gateway_is_placed_on_the_edge_node_that_advertises_it(cluster, tmp_path):
+    address, edge_node = cluster
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "hierarchy.cli", "emulate", str(SMOKE), "--dataset", "digits",
+         "--rounds", "2", "--ray-address", address, "--out", str(out), "--quiet", "--no-plots"],
+        capture_output=True, text=True, timeout=240, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    hosts = report["placement"]["gateway_hosts"]
+    pinned = [h for h in hosts if h["gateways"] == ["gw01"]]
+    assert len(pinned) == 1 and pinned[0]["node"] == edge_node
+    assert all("gw01" not in h["gateways"] for h in hosts if h is not pinned[0])
+    assert report["rounds"][-1]["participants"] > 0
