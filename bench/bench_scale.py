@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.measure import PeakMemory  # noqa: E402
-from hierarchy.emulate import EmulationConfig, run_emulation  # noqa: E402
-from hierarchy.topogen import generate_topology, write_topology  # noqa: E402
+from bench.measure import PeakMemory
+from hierarchy.emulate import EmulationConfig, run_emulation
+from hierarchy.topogen import generate_topology, write_topology
 
 
 def one(devices: int, gateways: int, dataset: str, backend: str, tmp: Path) -> dict[str, float]:

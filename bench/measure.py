@@ -7,6 +7,7 @@ of the driver and every descendant in a background thread.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -22,10 +23,8 @@ def tree_rss(pid: int) -> int:
         return 0
     total = 0
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             total += p.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
     return total
 
 

@@ -382,8 +382,11 @@ def run_emulation(
     """Run a whole emulation; write ``report.json`` (and plots) into ``cfg.out`` if given."""
     t_start = time.perf_counter()
     if progress:
-        print(f"starting the {cfg.backend} backend and building the actor tree ...",
-              file=sys.stderr, flush=True)
+        print(
+            f"starting the {cfg.backend} backend and building the actor tree ...",
+            file=sys.stderr,
+            flush=True,
+        )
     emu = Emulation(cfg, topo)
     rounds: list[dict[str, Any]] = []
     try:

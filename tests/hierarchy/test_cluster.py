@@ -29,9 +29,13 @@ def _free_port() -> int:
 
 
 def _start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([str(RAY), "start", "--block", "--disable-usage-stats", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env=os.environ.copy())
+    return subprocess.Popen(
+        [str(RAY), "start", "--block", "--disable-usage-stats", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=os.environ.copy(),
+    )
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -54,8 +58,16 @@ def cluster(monkeypatch):
     monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    head = _start(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-                   "--node-ip-address=127.0.0.1", '--resources={"cloud": 1}'])
+    head = _start(
+        [
+            "--head",
+            f"--port={port}",
+            "--num-cpus=1",
+            "--include-dashboard=false",
+            "--node-ip-address=127.0.0.1",
+            '--resources={"cloud": 1}',
+        ]
+    )
     procs = [head]
     try:
         import ray
@@ -69,8 +81,16 @@ def cluster(monkeypatch):
                 if time.time() > deadline or head.poll() is not None:
                     raise
                 time.sleep(1)
-        procs.append(_start([f"--address={address}", "--num-cpus=1",
-                             "--node-ip-address=127.0.0.1", '--resources={"gateway:gw01": 1}']))
+        procs.append(
+            _start(
+                [
+                    f"--address={address}",
+                    "--num-cpus=1",
+                    "--node-ip-address=127.0.0.1",
+                    '--resources={"gateway:gw01": 1}',
+                ]
+            )
+        )
         while not any("gateway:gw01" in n["Resources"] for n in ray.nodes() if n["Alive"]):
             if time.time() > deadline:
                 raise TimeoutError("edge node did not join")
@@ -87,9 +107,27 @@ def test_gateway_is_placed_on_the_edge_node_that_advertises_it(cluster, tmp_path
     address, edge_node = cluster
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "hierarchy.cli", "emulate", str(SMOKE), "--dataset", "digits",
-         "--rounds", "2", "--ray-address", address, "--out", str(out), "--quiet", "--no-plots"],
-        capture_output=True, text=True, timeout=240, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "hierarchy.cli",
+            "emulate",
+            str(SMOKE),
+            "--dataset",
+            "digits",
+            "--rounds",
+            "2",
+            "--ray-address",
+            address,
+            "--out",
+            str(out),
+            "--quiet",
+            "--no-plots",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

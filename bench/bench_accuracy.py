@@ -1,0 +1,99 @@
+"""Learning quality: federated training over a topology vs the same model trained centrally.
+
+Both runs in one process run: the centralized baseline trains the same model on
+the pooled training data of every device (plain SGD, same batch size and
+learning rate) and is evaluated on the same global test set (the union of the
+devices' local test splits for HAPT). Prints both accuracies and the gap.
+Target: the federated model within 3 points of centralized.
+
+    .venv/bin/python bench/bench_accuracy.py            # HAPT on metro-5g, FedAvgM
+    .venv/bin/python bench/bench_accuracy.py --strategy fedavg --rounds 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hierarchy.emulate import EmulationConfig, LocalConfig, run_emulation  # noqa: E402
+
+
+def centralized(dataset: str, num_devices: int, model: str, epochs: int, batch: int, lr: float,
+                seed: int) -> list[float]:
+    import torch
+
+    from cloud.evaluation import evaluate
+    from devices.datasets import load_federated
+    from devices.models import build_model, init_params
+    from devices.training import LocalTrainingConfig, train_device
+
+    torch.set_num_threads(2)
+    ds = load_federated(dataset, num_devices, seed=seed)
+    x, y = ds.pooled_train()
+    net = build_model(model, ds.input_shape, ds.num_classes)
+    params = init_params(model, ds.input_shape, ds.num_classes, seed)
+    accs = []
+    for ep in range(epochs):
+        r = train_device(net, params, x, y, LocalTrainingConfig(1, batch, lr), seed=seed + ep)
+        params = params + r.delta
+        accs.append(evaluate(net, params, ds.x_test, ds.y_test).accuracy)
+    return accs
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--topology", type=Path, default=ROOT / "topologies" / "metro-5g.graphml")
+    ap.add_argument("--dataset", default="har")
+    ap.add_argument("--model", default="cnn1d")
+    ap.add_argument("--rounds", type=int, default=100)
+    ap.add_argument("--epochs", type=int, default=5, help="local epochs per round")
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--strategy", default="fedavgm")
+    ap.add_argument("--central-epochs", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backend", default="ray", choices=("ray", "local"))
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    from hierarchy.topology import load_topology
+
+    n_dev = len(load_topology(args.topology).devices)
+    t0 = time.perf_counter()
+    central = centralized(args.dataset, n_dev, args.model, args.central_epochs, args.batch_size,
+                          args.lr, args.seed)
+    t_central = time.perf_counter() - t0
+    cfg = EmulationConfig(
+        topology=args.topology, rounds=args.rounds, dataset=args.dataset, seed=args.seed,
+        model=args.model, local=LocalConfig(args.epochs, args.batch_size, args.lr),
+        strategy=args.strategy, backend=args.backend, plots=False, eval_every=5,
+    )
+    t0 = time.perf_counter()
+    report = run_emulation(cfg, progress=False)
+    t_fed = time.perf_counter() - t0
+    fed = report["summary"]["final_accuracy"]
+    # "Final" for centralized is its last epoch, like the federated run's last round.
+    gap = (central[-1] - fed) * 100
+    print(f"dataset {args.dataset}, model {args.model}, {n_dev} devices "
+          f"({report['topology']['name']})")
+    print(f"centralized  {args.central_epochs} epochs SGD lr {args.lr} batch {args.batch_size}: "
+          f"final {central[-1]:.4f} (best {max(central):.4f}), wall {t_central:.1f} s")
+    print(f"federated    {args.strategy}, {args.rounds} rounds x {args.epochs} local epochs: "
+          f"final {fed:.4f} (best {report['summary']['best_accuracy']:.4f}), "
+          f"emulated {report['summary']['emulated_time_s']:.1f} s, wall {t_fed:.1f} s")
+    print(f"gap centralized - federated: {gap:+.2f} points (target <= 3): "
+          f"{'met' if gap <= 3 else 'NOT met'}")
+    if args.json:
+        args.json.write_text(json.dumps({"centralized": central, "federated": fed,
+                                         "gap_points": gap, "config": vars(args)}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
