@@ -13,6 +13,13 @@ Differences in batch size are handled with per-sample weights (``1 / batch
 length`` for real samples, ``0`` for padding), so a short last batch gives the
 same gradient as ``train_device``'s smaller batch.
 
+"The same" means equal up to float32 summation order (a vmapped grouped
+convolution adds in a different order than a single one): ~1e-7 per step.
+On a rare long trajectory a ReLU input sits so close to zero that this flips
+it, and from then on the two runs drift apart by up to ~1e-3 -- exactly as
+``train_device`` does against itself when only the order of the samples in
+a batch changes, so neither answer is the more correct one.
+
 To keep padding small, devices are sorted by (steps, samples) and cut into
 buckets of at most ``max_cohort``. Within a bucket, step ``s`` only touches the
 devices that still have a step ``s`` -- because of the sort they are a
@@ -90,7 +97,8 @@ class CohortTrainer:
             params: tuple[torch.Tensor, ...], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor
         ) -> torch.Tensor:
             # Weighted sum == mean over the real samples (weights are 1/len or 0).
-            logits = functional_call(model, {**dict(zip(names, params, strict=True)), **buffers}, (x,))
+            state = {**dict(zip(names, params, strict=True)), **buffers}
+            logits = functional_call(model, state, (x,))
             return (F.cross_entropy(logits, y, reduction="none") * w).sum()
 
         # Built once: re-wrapping vmap/grad every step costs measurable time.
@@ -103,7 +111,11 @@ class CohortTrainer:
         cfg: LocalTrainingConfig,
         seeds: Sequence[int],
     ) -> CohortResult:
-        """Train device ``i`` on ``data[i]`` with batch-plan seed ``seeds[i]``, all from ``global_params``."""
+        """Train device ``i`` on ``data[i]`` with plan seed ``seeds[i]``, from ``global_params``.
+
+        ``data[i]`` is ``(x, y)`` as for ``train_device``; results come back in
+        the same order, whatever order the buckets ran in.
+        """
         n = len(data)
         if len(seeds) != n:
             raise ValueError(f"CohortTrainer.train: {n} devices but {len(seeds)} seeds")
@@ -158,7 +170,9 @@ class CohortTrainer:
             [np.asarray(x, dtype=np.float32) for x, _ in data]
             + [np.zeros((1, *sample_shape), dtype=np.float32)]
         )
-        ys = np.concatenate([np.asarray(y, dtype=np.int64) for _, y in data] + [np.zeros(1, np.int64)])
+        ys = np.concatenate(
+            [np.asarray(y, dtype=np.int64) for _, y in data] + [np.zeros(1, dtype=np.int64)]
+        )
 
         index = np.full((total_steps, m, cfg.batch_size), pad_row, dtype=np.int64)
         weight = np.zeros((total_steps, m, cfg.batch_size), dtype=np.float32)

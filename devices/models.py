@@ -112,7 +112,9 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn
     if num_classes < 2:
         raise ValueError(f"build_model: num_classes must be >= 2, got {num_classes}")
     if not input_shape or any(d < 1 for d in input_shape):
-        raise ValueError(f"build_model: input_shape must be non-empty and positive, got {input_shape}")
+        raise ValueError(
+            f"build_model: input_shape must be non-empty and positive, got {input_shape}"
+        )
     if name == "mlp":
         return _mlp(input_shape, num_classes)
     if name == "cnn1d":

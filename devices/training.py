@@ -136,7 +136,7 @@ def train_device(
     # torch away from the (often read-only, shared) dataset arrays.
     x = np.asarray(x, dtype=np.float32)
     y = np.asarray(y, dtype=np.int64)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
     total_loss = 0.0
     for idx in plan:
         loss = F.cross_entropy(model(torch.from_numpy(x[idx])), torch.from_numpy(y[idx]))

@@ -8,6 +8,8 @@ last batches, ``max_steps`` and empty devices.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -193,6 +195,21 @@ def test_cohort_matches_train_device_one_by_one(name: str, cfg: LocalTrainingCon
         np.testing.assert_allclose(res.deltas[i], ref.delta, atol=1e-5, rtol=0)
         assert res.loss[i] == pytest.approx(ref.loss, abs=1e-5)
     assert not res.deltas[3].any() and res.steps[3] == 0 and res.loss[3] == 0.0
+
+
+def test_read_only_shared_arrays_train_without_warnings() -> None:
+    # devices.datasets hands out read-only views into one shared array.
+    (x, y), = _devices("mlp", [20], seed=1)
+    x.setflags(write=False)
+    y.setflags(write=False)
+    model = build_model("mlp", (64,), 10)
+    g = get_flat_params(model)
+    cfg = LocalTrainingConfig(batch_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ref = train_device(model, g, x, y, cfg, seed=4)
+        res = CohortTrainer(model).train(g, [(x, y)], cfg, [4])
+    np.testing.assert_allclose(res.deltas[0], ref.delta, atol=1e-5, rtol=0)
 
 
 def test_cohort_validates_inputs() -> None:
