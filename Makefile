@@ -32,18 +32,21 @@ $(SYSSTAMP):
 	@touch $@
 
 demo: install
-	$(VENV)/bin/tierfl emulate topologies/metro-5g.graphml --dataset har --rounds 15 --seed 0 --out $(DEMO_OUT)
+	$(VENV)/bin/tierfl emulate topologies/metro-5g.graphml --dataset har --rounds 30 --epochs 5 \
+	    --strategy fedavgm --seed 0 --out $(DEMO_OUT)
 	@echo "report and plots in $(DEMO_OUT)/ (report.json, accuracy_vs_time.png, latency_breakdown.png)"
 
 # pytest exit code 5 means "no tests collected": not a failure of the code, but
 # also never a pass by itself — we print it and fail only on real failures.
 test: install
-	@set +e; $(VENV)/bin/pytest -q -p no:cacheprovider; rc=$$?; \
+	@set +e; $(VENV)/bin/pytest -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
 bench: install
 	$(PY) bench/bench_cohort.py
-	$(PY) bench/bench_emulation.py
+	$(PY) bench/bench_accuracy.py
+	$(PY) bench/bench_scale.py
+	$(PY) bench/bench_vs_peers.py
 
 lint: install
 	$(VENV)/bin/ruff check .
