@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,18 @@ def _strip_wall(report: dict) -> dict:
     return out
 
 
+def _ray_daemons_of(driver_pid: int) -> set[int]:
+    """GCS/raylet processes of the Ray session a driver started (named session_..._<pid>)."""
+    import psutil
+
+    found = set()
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if f"_{driver_pid}/" in cmd and ("raylet" in cmd or "gcs_server" in cmd):
+            found.add(p.pid)
+    return found
+
+
 @pytest.fixture(scope="module")
 def ray_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("emu")
@@ -48,17 +61,25 @@ def ray_report(tmp_path_factory):
         str(out),
         "--quiet",
     ]
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         cmd,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "report:" in proc.stdout
-    return out, json.loads((out / "report.json").read_text()), proc
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "report:" in stdout
+    # Quiet: no Ray log lines leak into the user's terminal, only our own output.
+    assert "ray" not in stderr.lower().replace("starting the ray backend", ""), stderr[-2000:]
+    # Shut down at the end: no Ray daemon of this run outlives it.
+    deadline = time.time() + 20
+    while _ray_daemons_of(proc.pid) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _ray_daemons_of(proc.pid)
+    return out, json.loads((out / "report.json").read_text()), stdout
 
 
 def test_ray_emulation_learns_and_report_is_complete(ray_report):
@@ -138,8 +159,15 @@ def test_deadline_produces_stragglers_and_excludes_them():
 
 
 def test_diverged_updates_are_rejected_at_the_gateway_not_applied():
-    cfg = EmulationConfig(topology=SMOKE, rounds=3, dataset="digits", seed=0, backend="local",
-                          plots=False, local=LocalConfig(epochs=3, lr=1e12))
+    cfg = EmulationConfig(
+        topology=SMOKE,
+        rounds=3,
+        dataset="digits",
+        seed=0,
+        backend="local",
+        plots=False,
+        local=LocalConfig(epochs=3, lr=1e12),
+    )
     report = run_emulation(cfg, progress=False)
     assert sum(r["rejected"] for r in report["rounds"]) > 0
     for r in report["rounds"]:
