@@ -26,12 +26,22 @@ from typing import Any
 
 import numpy as np
 
-from devices.codecs.base import Codec, CodecError, Encoded, MetaValue, check_shape
+from devices.codecs.base import REASONS, Codec, CodecError, Encoded, MetaValue, check_shape
 from devices.codecs.dense import Float16, Float32
 from devices.codecs.quantize import Int4, Int8
 from devices.codecs.topk import TopK
 
-__all__ = ["CODECS", "Codec", "CodecError", "Encoded", "decode", "encode", "max_encoded_size"]
+__all__ = [
+    "CODECS",
+    "REASONS",
+    "Codec",
+    "CodecError",
+    "Encoded",
+    "MetaValue",
+    "decode",
+    "encode",
+    "max_encoded_size",
+]
 
 CODECS: dict[str, Codec] = {
     c.name: c
@@ -67,7 +77,8 @@ def encode(
     arr = np.asarray(x)
     if arr.dtype.kind not in "biuf":
         raise CodecError("bad-input", f"cannot encode a tensor of dtype {arr.dtype}")
-    flat = np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values are refused below
+        flat = np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)
     if not np.isfinite(flat).all():
         raise CodecError("non-finite", "input contains NaN or infinity (or exceeds float32 range)")
     opts = dict(params)
@@ -98,7 +109,8 @@ def decode(enc: Encoded, *, max_elements: int) -> np.ndarray:
         missing = sorted(c.meta_keys - keys)
         extra = sorted(repr(k) for k in keys - c.meta_keys)
         raise CodecError(
-            "bad-meta", f"{c.name} meta: missing {missing or 'nothing'}, unexpected {extra or 'nothing'}"
+            "bad-meta",
+            f"{c.name} meta: missing {missing or 'nothing'}, unexpected {extra or 'nothing'}",
         )
     for k, v in meta.items():
         if isinstance(v, bool) or not isinstance(v, int | float):
@@ -112,13 +124,10 @@ def decode(enc: Encoded, *, max_elements: int) -> np.ndarray:
 
 
 def max_encoded_size(codec: str, n: int, **params: Any) -> int:
-    """Largest payload ``codec`` produces for ``n`` elements with ``params`` (worst case for top-k)."""
+    """Largest payload of ``codec`` for ``n`` elements with ``params`` (worst case for top-k)."""
     c = _codec(codec)
     opts = dict(params)
     size = c.max_size(n, opts)
     if opts:
         raise CodecError("bad-params", f"{codec} does not take {', '.join(sorted(opts))}")
     return size
-
-
-_ = MetaValue  # re-exported type alias for callers annotating meta

@@ -23,6 +23,7 @@ __all__ = [
     "F32_MAX",
     "MAX_CHUNK",
     "MAX_NDIM",
+    "REASONS",
     "Codec",
     "CodecError",
     "Encoded",
@@ -40,6 +41,25 @@ F32_MAX = float(np.finfo(np.float32).max)
 MAX_CHUNK = 1 << 20
 #: Upper bound on tensor rank (numpy itself stops at 64).
 MAX_NDIM = 32
+
+
+#: Every ``CodecError.reason`` the codecs use (the gateway maps them to rejection codes).
+REASONS: tuple[str, ...] = (
+    "unknown-codec",  # codec name not in the registry
+    "bad-shape",  # shape not a short tuple of non-negative ints
+    "too-many-elements",  # shape larger than the caller's max_elements
+    "bad-payload",  # payload is not bytes
+    "bad-meta",  # meta keys/values missing, extra, mistyped or out of range
+    "bad-chunk",  # quantization chunk size out of range
+    "bad-length",  # payload length does not match shape and meta exactly
+    "bad-scale",  # a scale is NaN, infinite, negative or would overflow float32
+    "bad-value",  # a quantized level outside the symmetric range
+    "bad-padding",  # int4 padding nibble not zero
+    "bad-indices",  # top-k indices malformed, out of range or not strictly increasing
+    "non-finite",  # NaN/infinity in the input (encode) or in decoded values
+    "bad-input",  # encode: not a real numeric tensor
+    "bad-params",  # encode: unknown or invalid codec option
+)
 
 
 class CodecError(ValueError):
@@ -136,7 +156,8 @@ def check_shape(shape: object, max_elements: int) -> tuple[tuple[int, ...], int]
     n = math.prod(dims)
     if n > max_elements:
         raise CodecError(
-            "too-many-elements", f"shape {tuple(dims)} has {n} elements > max_elements = {max_elements}"
+            "too-many-elements",
+            f"shape {tuple(dims)} has {n} elements > max_elements = {max_elements}",
         )
     return tuple(dims), n
 

@@ -45,7 +45,9 @@ class Float32(Codec):
 
     def decode(self, payload: bytes, n: int, meta: Mapping[str, MetaValue]) -> np.ndarray:
         if len(payload) != 4 * n:
-            raise CodecError("bad-length", f"f32 payload has {len(payload)} bytes, expected {4 * n}")
+            raise CodecError(
+                "bad-length", f"f32 payload has {len(payload)} bytes, expected {4 * n}"
+            )
         out = np.frombuffer(payload, dtype="<f4", count=n).astype(np.float32)
         if not np.isfinite(out).all():
             raise CodecError("non-finite", "f32 payload contains NaN or infinity")
