@@ -200,9 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_emulate(sub)
+    from devices.keys import add_keys_parser
     from hierarchy.cli_topology import add_topology_parser
 
     add_topology_parser(sub)
+    add_keys_parser(sub)
     return parser
 
 
