@@ -20,10 +20,7 @@ from hierarchy.backend import Handle, gather
 from hierarchy.timeline import close_gateway, device_timing, gateway_uplink, training_flops
 from hierarchy.topology import DeviceNode, GatewayNode
 
-# Bytes an update envelope adds around its tensor bytes: CBOR keys, device id,
-# round, base-version hash, nonce, timestamp, sample count, encoding tag and a
-# 64-byte Ed25519 signature. Likewise for a model download's header.
-UPDATE_HEADER_BYTES = 192
+# Bytes a model download adds around the float32 parameters (version hash, length, ETag).
 MODEL_HEADER_BYTES = 96
 
 
@@ -50,6 +47,33 @@ def device_seed(seed: int, round_: int, index: int) -> int:
 
 def model_nbytes(num_params: int) -> int:
     return 4 * num_params + MODEL_HEADER_BYTES
+
+
+def update_wire_bytes(
+    device: str, round_: int, base: str, samples: int, delta: np.ndarray, timestamp: float
+) -> int:
+    """Exact size of the signed envelope this device would send (f32 codec).
+
+    Built with the real codec and CBOR encoder, so ids, hashes and framing are counted
+    as on the wire; only the signing itself is skipped (its size is fixed).
+    """
+    from devices.codecs import encode
+    from devices.envelope import PROTOCOL_VERSION, Envelope, signed_size
+
+    if not np.isfinite(delta).all():
+        # A diverged device's f32 payload has the same length; the gateway will refuse it.
+        delta = np.zeros_like(delta)
+    env = Envelope(
+        PROTOCOL_VERSION,
+        device,
+        round_,
+        base,
+        bytes(16),
+        timestamp,
+        max(1, samples),
+        [encode("f32", delta)],
+    )
+    return signed_size(env)
 
 
 def where() -> dict[str, Any]:
@@ -136,12 +160,21 @@ class CohortHost(Placed):
             "retransmitted": np.zeros(n, dtype=np.int64),
         }
         m_bytes = model_nbytes(params.shape[0])
+        from cloud.model_store import model_hash
+
+        base = model_hash(params)
         by_gateway: dict[str, list[int]] = {}
         for k, (i, p, s) in enumerate(zip(mine, pos, seeds, strict=True)):
             node = self._nodes[p]
             processed = sum(len(b) for b in batch_plan(int(res.num_samples[k]), cfg, s))
-            # The real bytes a device would send: its float32 tensor plus the envelope.
-            u_bytes = len(res.deltas[k].astype("<f4").tobytes()) + UPDATE_HEADER_BYTES
+            u_bytes = update_wire_bytes(
+                node.id,
+                round_,
+                base,
+                int(res.num_samples[k]),
+                res.deltas[k],
+                gateway_start[node.gateway],
+            )
             t = device_timing(
                 node,
                 i,
