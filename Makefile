@@ -5,14 +5,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.tierfl-installed
-SYSSTAMP := .sysdeps-installed
-# Debian packages: Fashion-MNIST ships as a Debian package (no downloads at run time).
-DEBS := dataset-fashion-mnist
+# Debian packages: Fashion-MNIST ships as a Debian package (no downloads at run time);
+# tests start their own mosquitto and talk to the gateway with libcoap's coap-client.
+DEBS := dataset-fashion-mnist mosquitto mosquitto-clients libcoap3-bin
 DEMO_OUT ?= runs/demo
 
 .PHONY: demo test bench lint install sysdeps clean
 
-install: $(STAMP) $(SYSSTAMP)
+install: $(STAMP) sysdeps
 
 # torch goes in first and pinned: an unpinned resolve pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -22,14 +22,14 @@ $(STAMP): pyproject.toml
 	@$(PIP) install -e '.[emulation,dev]' torch==2.13.0
 	@touch $@
 
-$(SYSSTAMP):
+# Checked every time (dpkg -s is fast), so a package added here reaches existing checkouts.
+sysdeps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
-	@touch $@
 
 demo: install
 	$(VENV)/bin/tierfl emulate topologies/metro-5g.graphml --dataset har --rounds 30 --epochs 5 \
