@@ -110,15 +110,21 @@ class CohortTrainer:
         data: Sequence[tuple[np.ndarray, np.ndarray]],
         cfg: LocalTrainingConfig,
         seeds: Sequence[int],
+        max_steps: Sequence[int | None] | None = None,
     ) -> CohortResult:
         """Train device ``i`` on ``data[i]`` with plan seed ``seeds[i]``, from ``global_params``.
 
         ``data[i]`` is ``(x, y)`` as for ``train_device``; results come back in
-        the same order, whatever order the buckets ran in.
+        the same order, whatever order the buckets ran in. ``max_steps[i]``
+        optionally caps device ``i``'s steps below ``cfg`` (adaptive local work
+        for slow devices): it trains exactly the first steps of its batch plan,
+        as ``train_device`` with ``cfg.max_steps`` set to that cap would.
         """
         n = len(data)
         if len(seeds) != n:
             raise ValueError(f"CohortTrainer.train: {n} devices but {len(seeds)} seeds")
+        if max_steps is not None and len(max_steps) != n:
+            raise ValueError(f"CohortTrainer.train: {n} devices but {len(max_steps)} step caps")
         if np.shape(global_params) != (self.num_params,):
             raise ValueError(
                 f"CohortTrainer.train: global_params must have shape ({self.num_params},), "
@@ -130,6 +136,11 @@ class CohortTrainer:
 
         counts = np.array([len(y) for _, y in data], dtype=np.int64)
         steps = np.array([num_steps(int(c), cfg) for c in counts], dtype=np.int64)
+        if max_steps is not None:
+            caps = np.array([-1 if m is None else m for m in max_steps], dtype=np.int64)
+            if np.any((caps < 0) & (caps != -1)):
+                raise ValueError("CohortTrainer.train: step caps must be None or >= 0")
+            steps = np.where(caps >= 0, np.minimum(steps, caps), steps)
         deltas = np.zeros((n, self.num_params), dtype=np.float32)
         losses = np.zeros(n, dtype=np.float64)
 
@@ -187,7 +198,7 @@ class CohortTrainer:
                 weight[: steps[j], j, :size] = 1.0 / size
                 width[: steps[j]] = np.maximum(width[: steps[j]], size)
                 continue
-            for s, idx in enumerate(batch_plan(size, cfg, seed)):
+            for s, idx in enumerate(batch_plan(size, cfg, seed)[: steps[j]]):
                 k = len(idx)
                 index[s, j, :k] = idx + offsets[j]
                 weight[s, j, :k] = 1.0 / k

@@ -14,6 +14,7 @@ uplink. Pure functions: the actors call them, tests check them by hand.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -99,21 +100,47 @@ class GatewayClose:
 
 
 def close_gateway(
-    arrivals: Sequence[float], deadline_s: float | None, start_s: float
+    arrivals: Sequence[float],
+    deadline_s: float | None,
+    start_s: float,
+    quorum_count: int | None = None,
 ) -> GatewayClose:
-    """Deadline rule: wait for every update, or only until ``deadline_s`` after round start.
+    """When a gateway stops waiting, and which updates made it.
 
-    With a deadline and late devices, the gateway closes exactly at the deadline
-    (it cannot know nobody else will come); without stragglers it closes at the
-    last arrival. A gateway with no device at all closes as soon as it has the model.
+    It closes at the earliest of: the deadline (``deadline_s`` after round
+    start), the arrival that completes the quorum (``quorum_count`` updates),
+    and the last arrival (nobody else is coming). With late devices and no
+    quorum it closes exactly at the deadline (it cannot know nobody else will
+    come). A gateway with no device at all closes as soon as it has the model.
+    Updates arriving after the close are stragglers.
     """
-    included = [i for i, t in enumerate(arrivals) if deadline_s is None or t <= deadline_s]
-    late = [i for i, t in enumerate(arrivals) if deadline_s is not None and t > deadline_s]
-    if late:
-        assert deadline_s is not None
+    order = sorted(range(len(arrivals)), key=lambda i: (arrivals[i], i))
+    if not order:
+        return GatewayClose(start_s, [], [])
+    close = arrivals[order[-1]]
+    if quorum_count is not None and 0 < quorum_count <= len(order):
+        close = min(close, arrivals[order[quorum_count - 1]])
+    if deadline_s is not None and close > deadline_s:
         close = deadline_s
-    elif included:
-        close = max(arrivals[i] for i in included)
-    else:
-        close = start_s
+    included = [i for i in range(len(arrivals)) if arrivals[i] <= close]
+    late = [i for i in range(len(arrivals)) if arrivals[i] > close]
     return GatewayClose(close, included, late)
+
+
+def quorum_count(quorum: float | None, selected: int) -> int | None:
+    """Updates a gateway waits for: the quorum fraction of the devices selected behind it."""
+    if quorum is None or selected == 0:
+        return None
+    return max(1, math.ceil(quorum * selected - 1e-9))
+
+
+def staleness_weight(staleness: int | float, exponent: float) -> float:
+    """FedBuff-style discount for an update computed on a model ``staleness`` versions old."""
+    if staleness < 0:
+        raise ValueError(f"staleness must be >= 0, got {staleness}")
+    return float((1.0 + staleness) ** -exponent)
+
+
+def energy_mwh(power_w: float, compute_s: float, radio_s: float) -> float:
+    """Device energy for a round: its power draw over compute and radio time (1 mWh = 3.6 J)."""
+    return power_w * (compute_s + radio_s) / 3.6

@@ -226,3 +226,21 @@ def test_cohort_validates_inputs() -> None:
         trainer.train(g, bad, LocalTrainingConfig(), [0, 1, 2])
     empty = trainer.train(g, [], LocalTrainingConfig(), [])
     assert empty.deltas.shape == (0, g.size)
+
+
+def test_cohort_per_device_step_caps_match_train_device_with_max_steps():
+    from dataclasses import replace
+
+    rng = np.random.default_rng(5)
+    model = build_model("mlp", (64,), 10)
+    params = init_params("mlp", (64,), 10, seed=1)
+    data = [
+        (rng.random((n, 64), dtype=np.float32), rng.integers(0, 10, n)) for n in (40, 33, 7, 50)
+    ]
+    cfg = LocalTrainingConfig(epochs=2, batch_size=8, lr=0.1)
+    caps = [3, None, 1, 0]
+    res = CohortTrainer(model).train(params, data, cfg, [1, 2, 3, 4], max_steps=caps)
+    for i, ((x, y), cap) in enumerate(zip(data, caps, strict=True)):
+        one = train_device(model, params, x, y, replace(cfg, max_steps=cap), seed=i + 1)
+        assert res.steps[i] == one.steps
+        np.testing.assert_allclose(res.deltas[i], one.delta, atol=1e-5)

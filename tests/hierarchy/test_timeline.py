@@ -100,3 +100,32 @@ def test_jitter_only_adds_delay_and_direction_picks_bandwidth():
     assert down < min(ups)
     with pytest.raises(ValueError, match="nbytes"):
         transfer_time(-1, link, "up", rng)
+
+
+def test_quorum_closes_at_the_arrival_that_completes_it():
+    from hierarchy.timeline import quorum_count
+
+    arrivals = [0.9, 0.2, 3.0, 0.5, 1.4]
+    q = quorum_count(0.6, 5)  # 3 of 5
+    assert q == 3
+    closed = close_gateway(arrivals, deadline_s=2.0, start_s=0.1, quorum_count=q)
+    assert closed.close_s == 0.9  # third arrival: 0.2, 0.5, 0.9
+    assert sorted(closed.included) == [0, 1, 3] and sorted(closed.stragglers) == [2, 4]
+    # the deadline still wins when the quorum is slower
+    slow = close_gateway([2.5, 2.6, 0.3], deadline_s=2.0, start_s=0.1, quorum_count=2)
+    assert slow.close_s == 2.0 and slow.included == [2]
+    # quorum of the selected devices, including ones that never report
+    assert quorum_count(0.3, 10) == 3 and quorum_count(None, 10) is None
+    assert quorum_count(0.3, 1) == 1
+
+
+def test_staleness_weight_and_energy():
+    from hierarchy.timeline import energy_mwh, staleness_weight
+
+    assert staleness_weight(0, 0.5) == 1.0
+    assert staleness_weight(3, 0.5) == pytest.approx(0.5)
+    assert staleness_weight(1, 1.0) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        staleness_weight(-1, 0.5)
+    # 2 W for 1.8 s of compute and radio = 3.6 J = 1 mWh
+    assert energy_mwh(2.0, 1.0, 0.8) == pytest.approx(1.0)
