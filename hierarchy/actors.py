@@ -15,10 +15,18 @@ from typing import Any
 
 import numpy as np
 
+from devices.codecs import Encoded, max_encoded_size
 from gateway.partial_aggregate import PartialAggregate
 from hierarchy.backend import Handle, gather
-from hierarchy.timeline import close_gateway, device_timing, gateway_uplink, training_flops
+from hierarchy.timeline import (
+    close_gateway,
+    device_timing,
+    gateway_uplink,
+    staleness_weight,
+    training_flops,
+)
 from hierarchy.topology import DeviceNode, GatewayNode
+from hierarchy.uplink import ENVELOPE_OVERHEAD_BYTES, UplinkConfig, choose_codec, step_cap
 
 # Bytes a model download adds around the float32 parameters (version hash, length, ETag).
 MODEL_HEADER_BYTES = 96
@@ -47,33 +55,6 @@ def device_seed(seed: int, round_: int, index: int) -> int:
 
 def model_nbytes(num_params: int) -> int:
     return 4 * num_params + MODEL_HEADER_BYTES
-
-
-def update_wire_bytes(
-    device: str, round_: int, base: str, samples: int, delta: np.ndarray, timestamp: float
-) -> int:
-    """Exact size of the signed envelope this device would send (f32 codec).
-
-    Built with the real codec and CBOR encoder, so ids, hashes and framing are counted
-    as on the wire; only the signing itself is skipped (its size is fixed).
-    """
-    from devices.codecs import encode
-    from devices.envelope import PROTOCOL_VERSION, Envelope, signed_size
-
-    if not np.isfinite(delta).all():
-        # A diverged device's f32 payload has the same length; the gateway will refuse it.
-        delta = np.zeros_like(delta)
-    env = Envelope(
-        PROTOCOL_VERSION,
-        device,
-        round_,
-        base,
-        bytes(16),
-        timestamp,
-        max(1, samples),
-        [encode("f32", delta)],
-    )
-    return signed_size(env)
 
 
 def where() -> dict[str, Any]:
@@ -125,6 +106,7 @@ class CohortHost(Placed):
         model = build_model(model_name, ds.input_shape, ds.num_classes)
         self._flops = flops_per_sample(model, ds.input_shape)
         self._trainer = CohortTrainer(model)
+        self._feedback: dict[str, Any] = {}  # device id -> ErrorFeedback (its residual)
 
     def train_round(
         self,
@@ -134,16 +116,48 @@ class CohortHost(Placed):
         selected: Sequence[int],
         gateway_start: Mapping[str, float],
         seed: int,
+        uplink: UplinkConfig | None = None,
+        deadline_s: float | None = None,
+        adaptive_work: bool = False,
     ) -> dict[str, np.ndarray]:
-        """Train the selected devices (global indices), submit updates, return per-device stats."""
-        from devices.training import batch_plan
+        """Train the selected devices (global indices), submit updates, return per-device stats.
 
+        Each device compresses its update with its codec (adding its error-feedback
+        residual first), and the exact signed-envelope size is what its uplink is
+        charged for. With ``adaptive_work`` and a deadline, slow devices train only
+        as many steps as let them make the deadline.
+        """
+        from cloud.model_store import model_hash
+
+        uplink = uplink or UplinkConfig()
         mine = [i for i in selected if i in self._pos]
         if not mine:
             return _empty_stats()
         pos = [self._pos[i] for i in mine]
         seeds = [device_seed(seed, round_, i) for i in mine]
-        res = self._trainer.train(params, [self._data[p] for p in pos], cfg, seeds)
+        num_params = int(params.shape[0])
+        m_bytes = model_nbytes(num_params)
+        codecs = [choose_codec(self._nodes[p], num_params, uplink) for p in pos]
+        caps: list[int | None] | None = None
+        if adaptive_work and deadline_s is not None:
+            caps = []
+            for p, (codec, cparams) in zip(pos, codecs, strict=True):
+                node = self._nodes[p]
+                up = max_encoded_size(codec, num_params, **cparams) + ENVELOPE_OVERHEAD_BYTES
+                comm = 2 * node.link.latency_ms / 1e3 + 8 * (
+                    m_bytes / (node.link.down_mbps * 1e6) + up / (node.link.up_mbps * 1e6)
+                )
+                caps.append(
+                    step_cap(
+                        node,
+                        start_s=gateway_start[node.gateway],
+                        deadline_s=deadline_s,
+                        forward_flops=self._flops,
+                        batch_size=cfg.batch_size,
+                        comm_s=comm,
+                    )
+                )
+        res = self._trainer.train(params, [self._data[p] for p in pos], cfg, seeds, caps)
         n = len(mine)
         stats = {
             "device": np.asarray(mine, dtype=np.int64),
@@ -159,21 +173,26 @@ class CohortHost(Placed):
             "model_bytes": np.zeros(n, dtype=np.int64),
             "retransmitted": np.zeros(n, dtype=np.int64),
         }
-        m_bytes = model_nbytes(params.shape[0])
-        from cloud.model_store import model_hash
-
         base = model_hash(params)
         by_gateway: dict[str, list[int]] = {}
-        for k, (i, p, s) in enumerate(zip(mine, pos, seeds, strict=True)):
+        updates: list[Encoded] = []
+        for k, (i, p) in enumerate(zip(mine, pos, strict=True)):
             node = self._nodes[p]
-            processed = sum(len(b) for b in batch_plan(int(res.num_samples[k]), cfg, s))
-            u_bytes = update_wire_bytes(
+            codec, cparams = codecs[k]
+            enc = self._compress(
                 node.id,
-                round_,
-                base,
-                int(res.num_samples[k]),
                 res.deltas[k],
-                gateway_start[node.gateway],
+                codec,
+                cparams,
+                np.random.default_rng([seed, round_, i, 11]),
+                uplink,
+            )
+            updates.append(enc)
+            u_bytes = envelope_bytes(
+                node.id, round_, base, int(res.num_samples[k]), enc, gateway_start[node.gateway]
+            )
+            processed = samples_processed(
+                int(res.num_samples[k]), int(res.steps[k]), cfg.batch_size
             )
             t = device_timing(
                 node,
@@ -202,13 +221,62 @@ class CohortHost(Placed):
                     round_,
                     g,
                     [self._nodes[pos[k]].id for k in ks],
-                    res.deltas[ks],
+                    [updates[k] for k in ks],
                     res.num_samples[ks].astype(np.float64),
                     stats["arrival_s"][ks],
                 )
             )
         gather(futures)
         return stats
+
+    def _compress(
+        self,
+        device: str,
+        delta: np.ndarray,
+        codec: str,
+        cparams: dict[str, int],
+        rng: np.random.Generator,
+        uplink: UplinkConfig,
+    ) -> Encoded:
+        """Encode as the device would; a diverged (non-finite) update goes out raw as f32."""
+        from devices.codecs import CodecError, encode
+        from devices.compression import ErrorFeedback
+
+        try:
+            if uplink.error_feedback and codec != "f32":
+                ef = self._feedback.get(device)
+                if ef is None:
+                    ef = self._feedback[device] = ErrorFeedback(dtype=np.float32)
+                return ef.compress(delta, codec, rng=rng, **cparams)
+            return encode(codec, delta, rng=rng, **cparams)
+        except CodecError:
+            # A real device would send whatever it computed; the gateway refuses it.
+            return Encoded("f32", delta.shape, np.ascontiguousarray(delta, "<f4").tobytes(), {})
+
+
+def samples_processed(num_samples: int, steps: int, batch_size: int) -> int:
+    """Samples seen in a batch plan's first ``steps`` steps (an epoch's last batch is partial)."""
+    if num_samples <= 0 or steps <= 0:
+        return 0
+    per_epoch = -(-num_samples // batch_size)
+    epochs, rest = divmod(steps, per_epoch)
+    return epochs * num_samples + rest * batch_size
+
+
+def envelope_bytes(
+    device: str, round_: int, base: str, samples: int, enc: Encoded, timestamp: float
+) -> int:
+    """Exact size of the signed envelope carrying ``enc``.
+
+    Built with the real CBOR encoder, so ids, hashes, codec meta and framing are
+    counted as on the wire; only the signing itself is skipped (its size is fixed).
+    """
+    from devices.envelope import PROTOCOL_VERSION, Envelope, signed_size
+
+    env = Envelope(
+        PROTOCOL_VERSION, device, round_, base, bytes(16), timestamp, max(1, samples), [enc]
+    )
+    return signed_size(env)
 
 
 def _empty_stats() -> dict[str, np.ndarray]:
@@ -222,13 +290,28 @@ def _empty_stats() -> dict[str, np.ndarray]:
 @dataclass
 class _Submission:
     devices: list[str]
-    deltas: np.ndarray
+    updates: list[Encoded]
     weights: np.ndarray
     arrivals: np.ndarray
 
 
+@dataclass
+class _Late:
+    """A straggler's decoded update, kept to be folded into a later round."""
+
+    device: str
+    delta: np.ndarray
+    weight: float
+    round: int
+
+
 class GatewayHost(Placed):
-    """Hosts several logical gateways: buffers their devices' updates, closes rounds."""
+    """Hosts several logical gateways: buffers their devices' updates, closes rounds.
+
+    Updates arrive encoded (as on the wire) and are decoded here with the same
+    codec registry a real gateway uses, so a malformed or non-finite update is
+    refused with a reason rather than poisoning the aggregate.
+    """
 
     def __init__(
         self,
@@ -242,45 +325,77 @@ class GatewayHost(Placed):
         self._num_params = num_params
         self._seed = seed
         self._buffer: dict[tuple[int, str], list[_Submission]] = {}
+        self._late: dict[str, list[_Late]] = {g: [] for g in self._gateways}
 
     def submit(
         self,
         round_: int,
         gateway: str,
         devices: list[str],
-        deltas: np.ndarray,
+        updates: list[Encoded],
         weights: np.ndarray,
         arrivals: np.ndarray,
     ) -> int:
         if gateway not in self._gateways:
             raise KeyError(f"gateway {gateway!r} is not hosted here")
         self._buffer.setdefault((round_, gateway), []).append(
-            _Submission(devices, deltas, weights, arrivals)
+            _Submission(devices, list(updates), weights, arrivals)
         )
         return len(devices)
 
     def close(
-        self, round_: int, deadline_s: float | None, starts: Mapping[str, float]
+        self,
+        round_: int,
+        deadline_s: float | None,
+        starts: Mapping[str, float],
+        quorum_counts: Mapping[str, int | None] | None = None,
+        late_policy: str = "drop",
+        staleness_exponent: float = 0.5,
     ) -> list[dict[str, Any]]:
-        """Close every hosted gateway's round: aggregate on-time updates, time the uplink."""
+        """Close every hosted gateway's round: aggregate on-time updates, time the uplink.
+
+        Late updates are dropped, or with ``late_policy="fold"`` kept and added to
+        the next round's aggregate with a staleness-discounted weight.
+        """
+        from devices.codecs import CodecError, decode
+
         out = []
         for g, node in self._gateways.items():
             subs = self._buffer.pop((round_, g), [])
             devices = [d for s in subs for d in s.devices]
+            updates = [u for s in subs for u in s.updates]
+            weights = [float(w) for s in subs for w in s.weights]
             arrivals = [float(a) for s in subs for a in s.arrivals]
-            closed = close_gateway(arrivals, deadline_s, starts[g])
+            q = (quorum_counts or {}).get(g)
+            closed = close_gateway(arrivals, deadline_s, starts[g], q)
             partial = PartialAggregate.empty(g, round_, self._num_params)
-            rejected = 0
-            if closed.included and subs:
-                deltas = np.concatenate([s.deltas for s in subs])
-                weights = np.concatenate([s.weights for s in subs])
-                inc = np.asarray(closed.included)
-                # A diverged device (NaN/Inf) is refused here, as a real gateway would, so one
-                # bad update cannot poison the global model.
-                finite = np.isfinite(deltas[inc]).all(axis=1)
-                rejected = int((~finite).sum())
-                inc = inc[finite]
-                partial.add_batch([devices[i] for i in inc], deltas[inc], weights[inc])
+            rejected: dict[str, int] = {}
+            folded = 0
+            for late in self._late[g]:
+                w = late.weight * staleness_weight(round_ - late.round, staleness_exponent)
+                partial.add(late.device, late.delta, w)
+                folded += 1
+            self._late[g] = []
+            keep = [(i, True) for i in closed.included]
+            if late_policy == "fold":
+                keep += [(i, False) for i in closed.stragglers]
+            rows, names, ws = [], [], []
+            for i, on_time in keep:
+                try:
+                    delta = decode(updates[i], max_elements=self._num_params)
+                    if delta.shape != (self._num_params,):
+                        raise CodecError("bad-shape", f"update has shape {delta.shape}")
+                except CodecError as e:
+                    rejected[e.reason] = rejected.get(e.reason, 0) + 1
+                    continue
+                if on_time:
+                    rows.append(delta)
+                    names.append(devices[i])
+                    ws.append(weights[i])
+                else:
+                    self._late[g].append(_Late(devices[i], delta, weights[i], round_))
+            if rows:
+                partial.add_batch(names, np.stack(rows), np.asarray(ws))
             uplink = gateway_uplink(
                 node, self._index[g], seed=self._seed, round_=round_, nbytes=partial.nbytes
             )
@@ -291,7 +406,9 @@ class GatewayHost(Placed):
                     "uplink_s": uplink,
                     "uplink_bytes": partial.nbytes,
                     "stragglers": len(closed.stragglers),
-                    "rejected": rejected,
+                    "rejected": sum(rejected.values()),
+                    "rejected_by_reason": rejected,
+                    "folded": folded,
                 }
             )
         # Drop buffers of rounds that were never closed (a crashed driver loop).

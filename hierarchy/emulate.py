@@ -30,11 +30,14 @@ from hierarchy.actors import (
 )
 from hierarchy.backend import Backend, LocalBackend, RayBackend, gather, put
 from hierarchy.placement import plan_placement
-from hierarchy.timeline import STREAM_AVAIL, gateway_model_arrival
+from hierarchy.timeline import STREAM_AVAIL, energy_mwh, gateway_model_arrival, quorum_count
 from hierarchy.topology import Topology, load_topology
+from hierarchy.uplink import UplinkConfig
 
 DATASETS = ("har", "fashion", "digits")
 BACKENDS = ("ray", "local")
+LATE_POLICIES = ("drop", "fold")
+STREAM_SAMPLE = 101
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,14 @@ class EmulationConfig:
     gateway_hosts: int | None = None
     ray_address: str | None = None
     plots: bool = True
+    uplink: UplinkConfig = field(default_factory=UplinkConfig)
+    quorum: float | None = None
+    late_policy: str = "drop"
+    staleness_exponent: float = 0.5
+    participation: float = 1.0
+    over_select: bool = False
+    min_battery_mwh: float = 0.0
+    adaptive_work: bool = False
 
     def validate(self) -> None:
         """Name the first bad field; the CLI turns this into exit code 2."""
@@ -92,6 +103,22 @@ class EmulationConfig:
             raise ValueError(
                 f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}"
             )
+        self.uplink.validate()
+        if self.quorum is not None and not 0 < self.quorum <= 1:
+            raise ValueError(f"quorum must be in (0, 1], got {self.quorum}")
+        if self.late_policy not in LATE_POLICIES:
+            raise ValueError(
+                f"unknown late policy {self.late_policy!r}; "
+                f"choose one of {', '.join(LATE_POLICIES)}"
+            )
+        if self.staleness_exponent < 0:
+            raise ValueError(f"staleness-exponent must be >= 0, got {self.staleness_exponent}")
+        if not 0 < self.participation <= 1:
+            raise ValueError(f"participation must be in (0, 1], got {self.participation}")
+        if self.min_battery_mwh < 0:
+            raise ValueError(f"min-battery-mwh must be >= 0, got {self.min_battery_mwh}")
+        if self.adaptive_work and self.deadline_s is None:
+            raise ValueError("adaptive-work needs a deadline (--deadline-s) to adapt to")
         for name in ("trainers", "gateway_hosts"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -134,6 +161,12 @@ class Emulation:
         if not self.topo.devices:
             raise ValueError(f"topology {self.topo.name!r} has no devices")
         self.model_name = cfg.model or default_model(cfg.dataset)
+        nodes = list(self.topo.devices.values())
+        self._availability = np.array([d.availability for d in nodes])
+        self._power = np.array([d.power_w for d in nodes])
+        self.battery = np.array([d.battery_mwh for d in nodes], dtype=np.float64)
+        gw_pos = {g: i for i, g in enumerate(self.topo.gateways)}
+        self._gateway_of = np.array([gw_pos[d.gateway] for d in nodes], dtype=np.int64)
         sizes = [d.samples for d in self.topo.devices.values()]
         self.spec = DatasetSpec(
             cfg.dataset,
@@ -227,12 +260,34 @@ class Emulation:
             ],
         }
 
-    def select(self, round_: int) -> tuple[list[int], int]:
-        """Devices that are available this round (a seeded coin per device)."""
-        avail = np.array([d.availability for d in self.topo.devices.values()])
-        u = np.random.default_rng([self.cfg.seed, round_, STREAM_AVAIL]).random(avail.size)
-        chosen = np.flatnonzero(u < avail)
-        return [int(i) for i in chosen], int(avail.size - chosen.size)
+    def select(self, round_: int) -> dict[str, Any]:
+        """Who is asked to train this round, and who of those is reachable.
+
+        Devices below the battery threshold are skipped; of the rest a
+        ``participation`` share is sampled (enlarged by the expected dropout
+        when over-selecting, so the expected number of reachable devices meets
+        the target); each sampled device is then reachable with its
+        ``availability`` (a seeded coin). Placement-independent.
+        """
+        cfg = self.cfg
+        avail = self._availability
+        eligible = np.flatnonzero(self.battery >= cfg.min_battery_mwh)
+        sampled = eligible
+        if cfg.participation < 1.0 or cfg.over_select:
+            want = cfg.participation * eligible.size
+            if cfg.over_select and eligible.size:
+                want /= max(float(avail[eligible].mean()), 1e-6)
+            k = min(eligible.size, max(1, int(np.ceil(want - 1e-9))))
+            rng = np.random.default_rng([cfg.seed, round_, STREAM_SAMPLE])
+            sampled = np.sort(rng.choice(eligible, size=k, replace=False)) if k else eligible[:0]
+        u = np.random.default_rng([cfg.seed, round_, STREAM_AVAIL]).random(avail.size)
+        reachable = sampled[u[sampled] < avail[sampled]]
+        return {
+            "sampled": sampled,
+            "reachable": [int(i) for i in reachable],
+            "unavailable": int(sampled.size - reachable.size),
+            "battery_skipped": int(avail.size - eligible.size),
+        }
 
     def run_round(self, round_: int) -> dict[str, Any]:
         from devices.training import LocalTrainingConfig
@@ -245,22 +300,65 @@ class Emulation:
             g: gateway_model_arrival(node, i, seed=cfg.seed, round_=round_, model_bytes=m_bytes)
             for i, (g, node) in enumerate(topo.gateways.items())
         }
-        selected, unavailable = self.select(round_)
+        sel = self.select(round_)
+        selected = sel["reachable"]
         local = LocalTrainingConfig(**asdict(cfg.local))
         stats = _merge_stats(
             gather(
                 [
-                    t.call("train_round", round_, params_ref, local, selected, starts, cfg.seed)
+                    t.call(
+                        "train_round",
+                        round_,
+                        params_ref,
+                        local,
+                        selected,
+                        starts,
+                        cfg.seed,
+                        cfg.uplink,
+                        cfg.deadline_s,
+                        cfg.adaptive_work,
+                    )
                     for t in self.trainers
                 ]
             )
         )
         wall_train = time.perf_counter() - wall0
+        # Quorum counts are per gateway, of the devices it was told to expect (sampled),
+        # including those that will never report.
+        per_gw = np.bincount(self._gateway_of[sel["sampled"]], minlength=len(topo.gateways))
+        quorums = {g: quorum_count(cfg.quorum, int(per_gw[i])) for i, g in enumerate(topo.gateways)}
         closes = [
             c
-            for cs in gather([h.call("close", round_, cfg.deadline_s, starts) for h in self.hosts])
+            for cs in gather(
+                [
+                    h.call(
+                        "close",
+                        round_,
+                        cfg.deadline_s,
+                        starts,
+                        quorums,
+                        cfg.late_policy,
+                        cfg.staleness_exponent,
+                    )
+                    for h in self.hosts
+                ]
+            )
             for c in cs
         ]
+        energy = np.array(
+            [
+                energy_mwh(self._power[d], c, dl + ul)
+                for d, c, dl, ul in zip(
+                    stats["device"],
+                    stats["compute_s"],
+                    stats["download_s"],
+                    stats["upload_s"],
+                    strict=True,
+                )
+            ]
+        )
+        stats["energy_mwh"] = energy
+        self.battery[stats["device"]] -= energy
         partials: list[PartialAggregate] = [c["partial"] for c in closes]
         applied = gather([self.coordinator.call("apply", round_, partials)])[0]
         evaluation: dict[str, float] = {}
@@ -268,17 +366,7 @@ class Emulation:
             evaluation = gather([self.coordinator.call("evaluate")])[0]
         wall = time.perf_counter() - wall0
         return self._record(
-            round_,
-            stats,
-            closes,
-            starts,
-            applied,
-            evaluation,
-            selected,
-            unavailable,
-            wall,
-            wall_train,
-            m_bytes,
+            round_, stats, closes, starts, applied, evaluation, sel, wall, wall_train, m_bytes
         )
 
     def _record(
@@ -289,8 +377,7 @@ class Emulation:
         starts: dict[str, float],
         applied: dict[str, Any],
         evaluation: dict[str, float],
-        selected: list[int],
-        unavailable: int,
+        sel: dict[str, Any],
         wall: float,
         wall_train: float,
         m_bytes: int,
@@ -328,6 +415,12 @@ class Emulation:
             )
             crit["gateway_wait"] = max(0.0, close["close_s"] - used)
         n = int(stats["device"].size)
+        folded = int(sum(c["folded"] for c in closes))
+        rejected: dict[str, int] = {}
+        for c in closes:
+            for reason, k in c["rejected_by_reason"].items():
+                rejected[reason] = rejected.get(reason, 0) + k
+        energy = stats["energy_mwh"]
         return {
             "round": round_,
             "accuracy": evaluation.get("accuracy"),
@@ -338,11 +431,14 @@ class Emulation:
             "model_version": applied["version"],
             "model_hash": applied["hash"],
             "update_norm": applied["update_norm"],
-            "selected": len(selected),
-            "unavailable": unavailable,
-            "participants": int(applied["devices"]),
+            "selected": int(sel["sampled"].size),
+            "unavailable": sel["unavailable"],
+            "battery_skipped": sel["battery_skipped"],
+            "participants": int(applied["devices"]) - folded,
+            "folded_late": folded,
             "stragglers": int(sum(c["stragglers"] for c in closes)),
             "rejected": int(sum(c["rejected"] for c in closes)),
+            "rejected_by_reason": rejected,
             "gateways_delivered": int(applied["gateways"]),
             "latency_s": round_s,
             "device_latency_s": _percentiles(arrivals),
@@ -365,6 +461,18 @@ class Emulation:
                 "update_bytes_max": int(stats["update_bytes"].max()) if n else 0,
             },
             "retransmitted_packets": int(stats["retransmitted"].sum()),
+            "energy_mwh": {
+                "total": float(energy.sum()),
+                "mean": float(energy.mean()) if n else 0.0,
+                "max": float(energy.max()) if n else 0.0,
+                "compute_total": float(
+                    sum(
+                        self._power[d] * c / 3.6
+                        for d, c in zip(stats["device"], stats["compute_s"], strict=True)
+                    )
+                ),
+            },
+            "steps_mean": float(stats["steps"].mean()) if n else 0.0,
             "wall_s": wall,
             "wall_train_s": wall_train,
         }
