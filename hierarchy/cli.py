@@ -136,6 +136,74 @@ def _add_emulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         default=None,
         help="join an existing Ray cluster (e.g. 'auto' on a `ray up` head node)",
     )
+    from hierarchy.uplink import CODEC_CHOICES
+
+    rt = p.add_argument_group("real-time rounds")
+    rt.add_argument(
+        "--codec",
+        choices=CODEC_CHOICES,
+        default="f32",
+        help="update encoding; 'adaptive' fits each device's uplink budget "
+        "(bandwidth x --upload-budget-s, capped at 50 KB)",
+    )
+    rt.add_argument(
+        "--topk-ratio",
+        type=_number(float, minimum=0, strict=True),
+        default=0.1,
+        help="share of entries a top-k codec keeps",
+    )
+    rt.add_argument(
+        "--no-error-feedback",
+        action="store_true",
+        help="drop what compression lost instead of carrying it to the next round",
+    )
+    rt.add_argument(
+        "--upload-budget-s",
+        type=_number(float, minimum=0, strict=True),
+        default=0.5,
+        help="adaptive codec: seconds of uplink an update may take",
+    )
+    rt.add_argument(
+        "--quorum",
+        type=_number(float, minimum=0, strict=True),
+        default=None,
+        help="a gateway closes once this fraction of its selected devices reported "
+        "(or at the deadline)",
+    )
+    rt.add_argument(
+        "--late",
+        choices=("drop", "fold"),
+        default="drop",
+        help="stragglers' updates: drop, or fold into the next round with a staleness weight",
+    )
+    rt.add_argument(
+        "--staleness-exponent",
+        type=_number(float, minimum=0),
+        default=0.5,
+        help="late-update weight (1 + staleness)^-a",
+    )
+    rt.add_argument(
+        "--participation",
+        type=_number(float, minimum=0, strict=True),
+        default=1.0,
+        help="fraction of eligible devices selected per round",
+    )
+    rt.add_argument(
+        "--over-select",
+        action="store_true",
+        help="select more devices to offset expected dropouts (availability)",
+    )
+    rt.add_argument(
+        "--min-battery-mwh",
+        type=_number(float, minimum=0),
+        default=0.0,
+        help="skip devices whose remaining battery is below this",
+    )
+    rt.add_argument(
+        "--adaptive-work",
+        action="store_true",
+        help="slow devices train fewer local steps so they meet --deadline-s",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_emulate)
@@ -144,6 +212,7 @@ def _add_emulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 def _run_emulate(args: argparse.Namespace) -> int:
     from hierarchy.emulate import EmulationConfig, LocalConfig, run_emulation
     from hierarchy.topology import TopologyError, load_topology
+    from hierarchy.uplink import UplinkConfig
 
     if args.server_momentum >= 1:
         print("error: --server-momentum must be < 1", file=sys.stderr)
@@ -172,6 +241,19 @@ def _run_emulate(args: argparse.Namespace) -> int:
         gateway_hosts=args.gateway_hosts,
         ray_address=args.ray_address,
         plots=not args.no_plots,
+        uplink=UplinkConfig(
+            codec=args.codec,
+            topk_ratio=args.topk_ratio,
+            error_feedback=not args.no_error_feedback,
+            upload_budget_s=args.upload_budget_s,
+        ),
+        quorum=args.quorum,
+        late_policy=args.late,
+        staleness_exponent=args.staleness_exponent,
+        participation=args.participation,
+        over_select=args.over_select,
+        min_battery_mwh=args.min_battery_mwh,
+        adaptive_work=args.adaptive_work,
     )
     try:
         cfg.validate()
