@@ -1,5 +1,6 @@
 """Real-time round policies through the emulator (in-process backend, tiny real data)."""
 
+import itertools
 from pathlib import Path
 
 import networkx as nx
@@ -56,7 +57,7 @@ def test_quorum_closes_early_and_late_updates_fold_into_the_next_round():
     assert q["latency_s"] < free["latency_s"]
     assert q["stragglers"] > 0
     folded = run(rounds=3, quorum=0.5, late_policy="fold")["rounds"]
-    for before, after in zip(folded, folded[1:], strict=False):
+    for before, after in itertools.pairwise(folded):
         assert after["folded_late"] == before["stragglers"]
 
 
