@@ -48,9 +48,24 @@ class DatasetSpec:
         )
 
 
+DENSE = frozenset({"f32", "f16"})
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
 def device_seed(seed: int, round_: int, index: int) -> int:
-    """Per-device, per-round training seed, independent of which process trains it."""
-    return int(np.random.SeedSequence([seed, round_, index, 7]).generate_state(1)[0])
+    """Per-device, per-round training seed, independent of which process trains it.
+
+    SplitMix64 over (seed, round, index): well mixed and ~10x cheaper than a
+    SeedSequence, which matters at thousands of devices per round.
+    """
+    return _splitmix64(_splitmix64(_splitmix64(seed) ^ round_) ^ index) >> 1
 
 
 def model_nbytes(num_params: int) -> int:
@@ -179,14 +194,9 @@ class CohortHost(Placed):
         for k, (i, p) in enumerate(zip(mine, pos, strict=True)):
             node = self._nodes[p]
             codec, cparams = codecs[k]
-            enc = self._compress(
-                node.id,
-                res.deltas[k],
-                codec,
-                cparams,
-                np.random.default_rng([seed, round_, i, 11]),
-                uplink,
-            )
+            # Stochastic rounding needs randomness; dense codecs do not (skip the ~8 µs).
+            rng = np.random.default_rng([seed, round_, i, 11]) if codec not in DENSE else None
+            enc = self._compress(node.id, res.deltas[k], codec, cparams, rng, uplink)
             updates.append(enc)
             u_bytes = envelope_bytes(
                 node.id, round_, base, int(res.num_samples[k]), enc, gateway_start[node.gateway]
@@ -235,7 +245,7 @@ class CohortHost(Placed):
         delta: np.ndarray,
         codec: str,
         cparams: dict[str, int],
-        rng: np.random.Generator,
+        rng: np.random.Generator | None,
         uplink: UplinkConfig,
     ) -> Encoded:
         """Encode as the device would; a diverged (non-finite) update goes out raw as f32."""

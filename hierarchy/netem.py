@@ -40,18 +40,28 @@ def serialization_s(nbytes: int, mbps: float) -> float:
     return nbytes * 8.0 / (mbps * 1e6)
 
 
+def is_random(link: Link) -> bool:
+    """Whether a transfer over ``link`` draws random numbers (jitter or loss)."""
+    return link.jitter_ms > 0 or link.loss > 0
+
+
 def transfer_time(
-    nbytes: int, link: Link, direction: Direction, rng: np.random.Generator
+    nbytes: int, link: Link, direction: Direction, rng: np.random.Generator | None
 ) -> Transfer:
-    """Virtual seconds to move ``nbytes`` over ``link`` toward the cloud ("up") or away ("down")."""
+    """Virtual seconds to move ``nbytes`` over ``link`` toward the cloud ("up") or away ("down").
+
+    ``rng`` may be None only for a link without jitter and loss (nothing to draw).
+    """
     if nbytes < 0:
         raise ValueError(f"nbytes must be >= 0, got {nbytes}")
     mbps = link.up_mbps if direction == "up" else link.down_mbps
     latency = link.latency_ms / 1e3
-    jitter = abs(rng.normal(0.0, link.jitter_ms / 1e3)) if link.jitter_ms > 0 else 0.0
+    if rng is None and is_random(link):
+        raise ValueError("a link with jitter or loss needs a random generator")
+    jitter = abs(rng.normal(0.0, link.jitter_ms / 1e3)) if rng and link.jitter_ms > 0 else 0.0
     seconds = latency + jitter + serialization_s(nbytes, mbps)
     retransmitted = 0
-    if link.loss > 0 and nbytes > 0:
+    if rng is not None and link.loss > 0 and nbytes > 0:
         pending = int(rng.binomial(max(1, math.ceil(nbytes / MTU_BYTES)), link.loss))
         rounds = 0
         while pending > 0 and rounds < MAX_RETRANSMIT_ROUNDS:

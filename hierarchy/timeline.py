@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hierarchy.netem import transfer_time
-from hierarchy.topology import DeviceNode, GatewayNode
+from hierarchy.netem import is_random, transfer_time
+from hierarchy.topology import DeviceNode, GatewayNode, Link
 
 # Forward + backward ≈ 3× the forward FLOPs (the usual rule of thumb for dense nets).
 TRAIN_FLOPS_PER_FORWARD = 3.0
@@ -30,6 +30,13 @@ TRAIN_FLOPS_PER_FORWARD = 3.0
 def rng_for(seed: int, round_: int, index: int, stream: int) -> np.random.Generator:
     """Independent, placement-independent random stream per (seed, round, node, purpose)."""
     return np.random.default_rng([seed, round_, index, stream])
+
+
+def _link_rng(
+    link: Link, seed: int, round_: int, index: int, stream: int
+) -> np.random.Generator | None:
+    # Building a generator costs ~8 µs; ideal links (no jitter, no loss) draw nothing.
+    return rng_for(seed, round_, index, stream) if is_random(link) else None
 
 
 STREAM_DOWN, STREAM_UP, STREAM_GW_DOWN, STREAM_GW_UP, STREAM_AVAIL = range(5)
@@ -65,9 +72,11 @@ def device_timing(
     work_flops: float,
 ) -> DeviceTiming:
     down = transfer_time(
-        model_bytes, device.link, "down", rng_for(seed, round_, index, STREAM_DOWN)
+        model_bytes, device.link, "down", _link_rng(device.link, seed, round_, index, STREAM_DOWN)
     )
-    up = transfer_time(update_bytes, device.link, "up", rng_for(seed, round_, index, STREAM_UP))
+    up = transfer_time(
+        update_bytes, device.link, "up", _link_rng(device.link, seed, round_, index, STREAM_UP)
+    )
     return DeviceTiming(
         start_s=start_s,
         download_s=down.seconds,
@@ -81,14 +90,14 @@ def gateway_model_arrival(
     gateway: GatewayNode, index: int, *, seed: int, round_: int, model_bytes: int
 ) -> float:
     """Cloud→gateway push of the model: when the gateway can start serving it."""
-    rng = rng_for(seed, round_, index, STREAM_GW_DOWN)
+    rng = _link_rng(gateway.link, seed, round_, index, STREAM_GW_DOWN)
     return transfer_time(model_bytes, gateway.link, "down", rng).seconds
 
 
 def gateway_uplink(
     gateway: GatewayNode, index: int, *, seed: int, round_: int, nbytes: int
 ) -> float:
-    rng = rng_for(seed, round_, index, STREAM_GW_UP)
+    rng = _link_rng(gateway.link, seed, round_, index, STREAM_GW_UP)
     return transfer_time(nbytes, gateway.link, "up", rng).seconds
 
 
