@@ -21,13 +21,22 @@ after. Measured per framework and N:
   sampled every ~50 ms;
 - final accuracy on the global test split.
 
+Each framework gets its best configuration on this machine: Flower runs
+``run_simulation`` with one Ray actor per core (client resources num_cpus=1);
+pfl is tried with 1 and 2 worker processes and tierfl with its ``ray`` and
+``local`` backends, and the variant with the best steady state is the one
+compared (every variant's numbers are printed and kept in the JSON). With
+``--repeat K`` each variant runs K times and the best run counts, which
+evens out interference from other work on a shared machine.
+
 usage: .venv/bin/python bench/bench_vs_peers.py [--clients 100,1000] [--rounds 5]
-       [--only tierfl,flower,pfl] [--json results.json]
+       [--only tierfl,flower,pfl] [--repeat 1] [--json results.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import itertools
 import json
@@ -54,6 +63,7 @@ PEER_REQUIREMENTS = {
 }
 FRAMEWORKS = ("tierfl", "flower", "pfl")
 TARGET_N = 1000
+RUN_TIMEOUT_S = 900.0  # per measured process; Flower at N=1,000 needs about a minute
 # What tierfl is expected to reach against each peer at N = TARGET_N.
 TARGETS = {
     "steady_vs_flower": 100.0,   # tierfl steady-state >= 100x Flower's
@@ -116,6 +126,7 @@ def ensure_venv(name: str) -> Path:
         # torch first, alone, so pip takes the local CPU wheel; pinned again below.
         [str(python), "-m", "pip", "install", TORCH_PIN],
         [str(python), "-m", "pip", "install", *reqs, TORCH_PIN],
+        [str(python), "-c", "import torch, sys; sys.exit(torch.version.cuda is not None)"],
     ]
     with log.open("w") as fh:
         for cmd in steps:
@@ -192,7 +203,11 @@ class Run:
 
 def measure(cmd: list[str], log: Path, cwd: Path, env: dict[str, str],
             interval_s: float = 0.05) -> Run:
-    """Run ``cmd``; sample the summed RSS of its whole process tree until it exits."""
+    """Run ``cmd``; sample the summed RSS of its whole process tree until it exits.
+
+    A run that outlives ``RUN_TIMEOUT_S`` (a hung simulator) has its tree killed and
+    comes back with return code -9.
+    """
     psutil = _psutil()
     peak = [0, 0]
 
@@ -225,11 +240,31 @@ def measure(cmd: list[str], log: Path, cwd: Path, env: dict[str, str],
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        rc = proc.wait()
+        try:
+            rc = proc.wait(timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            _kill_tree(psutil, root)
+            rc = -9
+            fh.write(f"\n[bench] killed after {RUN_TIMEOUT_S:.0f} s\n")
         t_exit = time.time()
         done.set()
         sampler.join()
     return Run(t_start, t_exit, rc, peak[0], peak[1], str(log))
+
+
+def _kill_tree(psutil: Any, root: Any) -> None:
+    try:
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        procs = [root]
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=5)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
 
 
 def _peer_env() -> dict[str, str]:
@@ -265,12 +300,12 @@ class Result:
     peak_processes: int
     final_accuracy: float
     accuracy: list[float]
-    load_avg_before: float
+    busy_before_pct: float      # machine CPU use by others in the second before the run
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _from_peer_file(framework: str, n: int, rounds: int, run: Run, out: Path,
-                    load: float) -> Result:
+                    busy: float) -> Result:
     if run.returncode != 0 or not out.exists():
         raise RuntimeError(f"{framework} at N={n} failed (exit {run.returncode}); "
                            f"log {run.log}:\n{_tail(run.log)}")
@@ -284,7 +319,7 @@ def _from_peer_file(framework: str, n: int, rounds: int, run: Run, out: Path,
         steady_updates_per_s=n * (rounds - 1) / (t[-1] - t[0]) if rounds > 1 else float("nan"),
         round_wall_s=walls, peak_rss_mb=run.peak_rss_bytes / 2**20,
         peak_processes=run.peak_processes, final_accuracy=float(d["accuracy"][-1]),
-        accuracy=[float(a) for a in d["accuracy"]], load_avg_before=load,
+        accuracy=[float(a) for a in d["accuracy"]], busy_before_pct=busy,
         extra={"process_exit_s": run.t_exit - run.t_start, "log": run.log},
     )
 
@@ -294,11 +329,11 @@ def run_flower(n: int, rounds: int, npz: Path, work: Path, repeat: int) -> Resul
     tried: list[Result] = []
     for i in range(repeat):
         out = work / f"flower-{n}-r{i}.json"
-        load = os.getloadavg()[0]
+        busy = _busy_pct()
         run = measure([str(python), str(PEERS_DIR / "flower_peer.py"), "--npz", str(npz),
                        "--rounds", str(rounds), "--out", str(out)],
                       work / f"flower-{n}-r{i}.log", PEERS_DIR, _peer_env())
-        tried.append(_announce(_from_peer_file("flower", n, rounds, run, out, load), "flower"))
+        tried.append(_announce(_from_peer_file("flower", n, rounds, run, out, busy), "flower"))
     return _best(tried)
 
 
@@ -310,25 +345,40 @@ def run_pfl(n: int, rounds: int, npz: Path, work: Path, workers: list[int],
     for k in workers:
         for i in range(repeat):
             out = work / f"pfl-{n}-w{k}-r{i}.json"
-            load = os.getloadavg()[0]
+            busy = _busy_pct()
             run = measure([str(python), str(PEERS_DIR / "pfl_peer.py"), "--npz", str(npz),
                            "--rounds", str(rounds), "--out", str(out), "--workers", str(k)],
                           work / f"pfl-{n}-w{k}-r{i}.log", PEERS_DIR, _peer_env())
-            r = _from_peer_file("pfl", n, rounds, run, out, load)
+            r = _from_peer_file("pfl", n, rounds, run, out, busy)
             tried.append(_announce(r, f"pfl with {k} worker(s)"))
     return _best(tried)
 
 
 def _announce(r: Result, what: str) -> Result:
-    busy = " (machine busy: numbers noisy)" if _busy(r.load_avg_before) else ""
+    busy = " (machine busy: numbers noisy)" if _busy(r.busy_before_pct) else ""
     print(f"    {what}: {r.steady_updates_per_s:,.0f} updates/s steady, {r.e2e_s:.1f} s end to "
-          f"end, load {r.load_avg_before:.1f}{busy}", flush=True)
+          f"end, machine busy before {r.busy_before_pct:.0f} %{busy}", flush=True)
     return r
 
 
-def _busy(load: float) -> bool:
-    """Others are using the CPUs: a 1-min load above 3/4 of the cores before a run starts."""
-    return load > 0.75 * (os.cpu_count() or 1)
+def _busy_pct(settle_s: float = 20.0) -> float:
+    """How busy the machine is with other work just before a run, in % of all cores.
+
+    Waits (up to ``settle_s``) for the machine to go quiet first. Niced work is
+    not counted: at nice 15 it gets a few % of a core against a normal-priority
+    run, so it hardly disturbs the measurement.
+    """
+    psutil = _psutil()
+    deadline = time.monotonic() + settle_s
+    while True:
+        t = psutil.cpu_times_percent(interval=1.0)
+        busy = max(0.0, 100.0 - t.idle - getattr(t, "nice", 0.0) - getattr(t, "iowait", 0.0))
+        if not _busy(busy) or time.monotonic() > deadline:
+            return float(busy)
+
+
+def _busy(pct: float) -> bool:
+    return pct > 25.0
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -375,7 +425,7 @@ def _run_tierfl_once(n: int, rounds: int, work: Path, cli: list[str], topo: Path
            "--no-plots", "--quiet"]
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
-    load = os.getloadavg()[0]
+    busy = _busy_pct()
     run = measure(cmd, work / f"tierfl-{n}-{backend}-r{i}.log", ROOT, env)
     report_path = out_dir / "report.json"
     if run.returncode != 0 or not report_path.exists():
@@ -389,8 +439,10 @@ def _run_tierfl_once(n: int, rounds: int, work: Path, cli: list[str], topo: Path
               flush=True)
     steady_wall = sum(r["wall_s"] for r in rs[1:])
     pl = rep.get("placement", {})
+    count = {k: len(v) if isinstance(v, list) else v
+             for k, v in pl.items() if k in ("trainers", "gateway_hosts")}
     config = (f"tierfl {rep.get('tierfl', '?')} `tierfl emulate --backend {backend}` "
-              f"({pl.get('trainers')} cohort trainer(s), {pl.get('gateway_hosts')} gateway "
+              f"({count.get('trainers')} cohort trainer(s), {count.get('gateway_hosts')} gateway "
               f"host(s)), topology {grid} profile zero, FedAvg")
     return Result(
         framework="tierfl", clients=n, rounds=rounds, config=config, version=str(rep.get("tierfl")),
@@ -402,7 +454,7 @@ def _run_tierfl_once(n: int, rounds: int, work: Path, cli: list[str], topo: Path
         peak_rss_mb=run.peak_rss_bytes / 2**20, peak_processes=run.peak_processes,
         final_accuracy=float(rep["summary"]["final_accuracy"]),
         accuracy=[float(r["accuracy"]) for r in rs if r["accuracy"] is not None],
-        load_avg_before=load,
+        busy_before_pct=busy,
         extra={"wall_total_s_in_process": rep["summary"].get("wall_total_s"),
                "wall_setup_s": rep["summary"].get("wall_setup_s"),
                "report": str(report_path), "log": run.log},
@@ -446,13 +498,13 @@ def compare(results: list[Result]) -> list[dict[str, Any]]:
 def print_report(results: list[Result], rows: list[dict[str, Any]]) -> None:
     print("\n=== results ===")
     hdr = f"{'framework':<8} {'N':>6} {'e2e s':>8} {'steady upd/s':>13} {'peak RSS MB':>12} " \
-          f"{'procs':>5} {'final acc':>9} {'load':>5}"
+          f"{'procs':>5} {'final acc':>9} {'busy%':>5}"
     print(hdr)
     print("-" * len(hdr))
     for r in sorted(results, key=lambda r: (r.clients, FRAMEWORKS.index(r.framework))):
         print(f"{r.framework:<8} {r.clients:>6} {r.e2e_s:>8.2f} {r.steady_updates_per_s:>13,.0f} "
               f"{r.peak_rss_mb:>12,.0f} {r.peak_processes:>5} {r.final_accuracy:>9.4f} "
-              f"{r.load_avg_before:>5.1f}")
+              f"{r.busy_before_pct:>5.0f}")
     print("\nconfigurations (each framework's best variant; others tried are in the JSON):")
     for r in results:
         print(f"  N={r.clients:<5} {r.framework}: {r.config}")
@@ -462,11 +514,12 @@ def print_report(results: list[Result], rows: list[dict[str, Any]]) -> None:
                       f"{t['steady_updates_per_s']:,.0f} updates/s steady, {t['e2e_s']:.1f} s e2e")
     print("  e2e: peers = process start -> final accuracy; "
           "tierfl = process start -> process exit (upper bound)")
-    print(f"  'load' = 1-min load average just before the run ({os.cpu_count()} cores)")
-    busy = [r for r in results if _busy(r.load_avg_before)]
+    print(f"  busy% = CPU use (not niced) by other work in the second before the run "
+          f"({os.cpu_count()} cores)")
+    busy = [r for r in results if _busy(r.busy_before_pct)]
     if busy:
-        print(f"  [warn] {len(busy)} result(s) started on a busy machine (load > 3/4 of the "
-              "cores): others were using the CPU; re-run quiet or with --repeat 3")
+        print(f"  [warn] {len(busy)} result(s) started on a busy machine (> 25 % CPU in use): "
+              "the numbers are noisy; re-run when quiet or with --repeat 3")
     if not rows:
         return
     print("\n=== tierfl vs peers ===")
@@ -535,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
             ensure_venv(peer)
 
     results: list[Result] = []
+    failures: list[dict[str, Any]] = []
     workloads = []
     for n in clients:
         npz = work / f"workload-{n}.npz"
@@ -547,12 +601,17 @@ def main(argv: list[str] | None = None) -> int:
             if fw not in only:
                 continue
             print(f"  running {fw} ...", flush=True)
-            if fw == "tierfl":
-                r = run_tierfl(n, args.rounds, work, tierfl_backends, args.repeat)
-            elif fw == "flower":
-                r = run_flower(n, args.rounds, npz, work, args.repeat)
-            else:
-                r = run_pfl(n, args.rounds, npz, work, pfl_workers, args.repeat)
+            try:
+                if fw == "tierfl":
+                    r = run_tierfl(n, args.rounds, work, tierfl_backends, args.repeat)
+                elif fw == "flower":
+                    r = run_flower(n, args.rounds, npz, work, args.repeat)
+                else:
+                    r = run_pfl(n, args.rounds, npz, work, pfl_workers, args.repeat)
+            except RuntimeError as e:  # one framework failing still leaves the others' numbers
+                print(f"  [error] {e}", flush=True)
+                failures.append({"framework": fw, "clients": n, "error": str(e)})
+                continue
             print(f"  {fw}: {r.e2e_s:.1f} s end to end, {r.steady_updates_per_s:,.0f} updates/s "
                   f"steady, peak {r.peak_rss_mb:,.0f} MB, accuracy {r.final_accuracy:.4f}",
                   flush=True)
@@ -569,10 +628,14 @@ def main(argv: list[str] | None = None) -> int:
             "targets_at_clients": TARGET_N, "targets": TARGETS,
             "results": [asdict(r) for r in results],
             "comparisons": rows,
+            "failures": failures,
             "workdir": str(work),
         }, indent=2))
         print(f"\nresults: {args.json}")
-    return 0
+    if failures:
+        print(f"\n{len(failures)} run(s) failed: "
+              + ", ".join(f"{f['framework']} N={f['clients']}" for f in failures))
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -89,7 +89,9 @@ def main() -> None:
     run_simulation(
         server_app=server_app, client_app=client_app, num_supernodes=w.num_clients,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": cpus}},
+                        # "local": a private Ray instance; a bare ray.init() would join any
+                        # cluster someone started on this machine with `ray start`.
+                        "init_args": {"address": "local", "num_cpus": cpus}},
     )
     if len(log.round_end) != args.rounds:
         raise SystemExit(f"flower_peer: expected {args.rounds} rounds, saw {len(log.round_end)}")
