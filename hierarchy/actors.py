@@ -30,6 +30,8 @@ from hierarchy.uplink import ENVELOPE_OVERHEAD_BYTES, UplinkConfig, choose_codec
 
 # Bytes a model download adds around the float32 parameters (version hash, length, ETag).
 MODEL_HEADER_BYTES = 96
+# Codecs whose payload size depends only on the vector's length (not on its values).
+DENSE_CODECS = frozenset({"f32", "f16", "int8", "int4"})
 
 
 @dataclass(frozen=True)
@@ -239,6 +241,134 @@ class CohortHost(Placed):
         gather(futures)
         return stats
 
+    def cycle_profile(
+        self, cfg: Any, uplink: UplinkConfig, num_params: int
+    ) -> dict[str, np.ndarray]:
+        """Asynchronous mode: what each hosted device's cycle costs, known before training.
+
+        Per device (global index): training samples, exact compute seconds of one
+        cycle (its step count is fixed by its data and ``cfg``), and a lower bound
+        on its update's payload bytes (exact for dense codecs, 0 for top-k whose
+        index coding varies). The driver turns these into lower bounds on arrivals.
+        """
+        from devices.training import num_steps
+
+        n = len(self._indices)
+        out = {
+            "device": np.asarray(self._indices, dtype=np.int64),
+            "samples": np.zeros(n, dtype=np.int64),
+            "compute_s": np.zeros(n),
+            "min_update_bytes": np.zeros(n, dtype=np.int64),
+        }
+        for p, node in enumerate(self._nodes):
+            count = len(self._data[p][1])
+            processed = samples_processed(count, num_steps(count, cfg), cfg.batch_size)
+            out["samples"][p] = count
+            out["compute_s"][p] = training_flops(self._flops, processed) / node.flops
+            codec, cparams = choose_codec(node, num_params, uplink)
+            if codec in DENSE_CODECS:
+                out["min_update_bytes"][p] = max_encoded_size(codec, num_params, **cparams)
+        return out
+
+    def train_devices(
+        self,
+        params: np.ndarray,
+        devices: Sequence[int],
+        cycles: Sequence[int],
+        starts: Sequence[float],
+        cfg: Any,
+        seed: int,
+        uplink: UplinkConfig | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Asynchronous mode: train these devices (global indices) from one model version.
+
+        Device ``devices[k]`` runs its cycle ``cycles[k]``, started at virtual time
+        ``starts[k]``; the cycle number plays the sync round's part in every seeded
+        stream (training seed, codec randomness, link jitter and loss), so results
+        do not depend on which process trains it or with whom. Each update is
+        compressed (with the device's error-feedback residual), timed with its exact
+        envelope size, and handed to its gateway host keyed by (device, cycle).
+        """
+        from cloud.model_store import model_hash
+
+        uplink = uplink or UplinkConfig()
+        if not len(devices) == len(cycles) == len(starts):
+            raise ValueError("train_devices: devices, cycles and starts differ in length")
+        if not devices:
+            return {**_empty_stats(), "cycle": np.zeros(0, dtype=np.int64)}
+        pos = [self._pos[int(i)] for i in devices]
+        seeds = [device_seed(seed, int(c), int(i)) for i, c in zip(devices, cycles, strict=True)]
+        num_params = int(params.shape[0])
+        m_bytes = model_nbytes(num_params)
+        res = self._trainer.train(params, [self._data[p] for p in pos], cfg, seeds)
+        n = len(devices)
+        stats = {
+            "device": np.asarray(devices, dtype=np.int64),
+            "cycle": np.asarray(cycles, dtype=np.int64),
+            "samples": res.num_samples.astype(np.int64),
+            "steps": res.steps.astype(np.int64),
+            "loss": res.loss.astype(np.float64),
+            "download_s": np.zeros(n),
+            "compute_s": np.zeros(n),
+            "upload_s": np.zeros(n),
+            "start_s": np.asarray(starts, dtype=np.float64),
+            "arrival_s": np.zeros(n),
+            "update_bytes": np.zeros(n, dtype=np.int64),
+            "model_bytes": np.full(n, m_bytes, dtype=np.int64),
+            "retransmitted": np.zeros(n, dtype=np.int64),
+        }
+        base = model_hash(params)
+        by_gateway: dict[str, list[int]] = {}
+        updates: list[Encoded] = []
+        for k, (i, c, p) in enumerate(zip(devices, cycles, pos, strict=True)):
+            node = self._nodes[p]
+            codec, cparams = choose_codec(node, num_params, uplink)
+            enc = self._compress(
+                node.id,
+                res.deltas[k],
+                codec,
+                cparams,
+                np.random.default_rng([seed, int(c), int(i), 11]),
+                uplink,
+            )
+            updates.append(enc)
+            start = float(starts[k])
+            u_bytes = envelope_bytes(node.id, int(c), base, int(res.num_samples[k]), enc, start)
+            processed = samples_processed(
+                int(res.num_samples[k]), int(res.steps[k]), cfg.batch_size
+            )
+            t = device_timing(
+                node,
+                int(i),
+                seed=seed,
+                round_=int(c),
+                start_s=start,
+                model_bytes=m_bytes,
+                update_bytes=u_bytes,
+                work_flops=training_flops(self._flops, processed),
+            )
+            stats["download_s"][k] = t.download_s
+            stats["compute_s"][k] = t.compute_s
+            stats["upload_s"][k] = t.upload_s
+            stats["arrival_s"][k] = t.arrival_s
+            stats["update_bytes"][k] = u_bytes
+            stats["retransmitted"][k] = t.retransmitted_packets
+            by_gateway.setdefault(node.gateway, []).append(k)
+        gather(
+            [
+                self._gateways[g].call(
+                    "receive",
+                    g,
+                    [(int(devices[k]), int(cycles[k])) for k in ks],
+                    [self._nodes[pos[k]].id for k in ks],
+                    [updates[k] for k in ks],
+                    res.num_samples[ks].astype(np.float64),
+                )
+                for g, ks in by_gateway.items()
+            ]
+        )
+        return stats
+
     def _compress(
         self,
         device: str,
@@ -273,6 +403,19 @@ def samples_processed(num_samples: int, steps: int, batch_size: int) -> int:
     return epochs * num_samples + rest * batch_size
 
 
+# Envelope timestamps are wall-clock seconds: the virtual clock starts at this epoch, so a
+# timestamp is a float64 on the wire just as on a real device.
+VIRTUAL_EPOCH = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+
+
+def _int_class(v: int) -> int:
+    """CBOR's length class of a non-negative integer (0: inline, 1, 2, 4 or 8 extra bytes)."""
+    return 0 if v < 24 else 1 if v < 256 else 2 if v < 65536 else 4 if v < 2**32 else 8
+
+
+_SIZE_CACHE: dict[tuple[Any, ...], int] = {}
+
+
 def envelope_bytes(
     device: str, round_: int, base: str, samples: int, enc: Encoded, timestamp: float
 ) -> int:
@@ -280,13 +423,31 @@ def envelope_bytes(
 
     Built with the real CBOR encoder, so ids, hashes, codec meta and framing are
     counted as on the wire; only the signing itself is skipped (its size is fixed).
+    The size depends on the values only through the lengths of what is encoded,
+    so it is cached by those (a cache miss encodes for real).
     """
     from devices.envelope import PROTOCOL_VERSION, Envelope, signed_size
 
-    env = Envelope(
-        PROTOCOL_VERSION, device, round_, base, bytes(16), timestamp, max(1, samples), [enc]
+    samples = max(1, samples)
+    ts = VIRTUAL_EPOCH + timestamp
+    key = (
+        device,
+        _int_class(round_),
+        len(base),
+        _int_class(samples),
+        enc.codec,
+        enc.shape,
+        len(enc.payload),
+        tuple(sorted(enc.meta.items())),
+        np.float32(ts) == ts,
     )
-    return signed_size(env)
+    size = _SIZE_CACHE.get(key)
+    if size is None:
+        if len(_SIZE_CACHE) > 200_000:
+            _SIZE_CACHE.clear()
+        env = Envelope(PROTOCOL_VERSION, device, round_, base, bytes(16), ts, samples, [enc])
+        size = _SIZE_CACHE[key] = signed_size(env)
+    return size
 
 
 def _empty_stats() -> dict[str, np.ndarray]:
@@ -336,6 +497,8 @@ class GatewayHost(Placed):
         self._seed = seed
         self._buffer: dict[tuple[int, str], list[_Submission]] = {}
         self._late: dict[str, list[_Late]] = {g: [] for g in self._gateways}
+        # Asynchronous mode: updates held until a flush, keyed by (gateway, (device, cycle)).
+        self._held: dict[tuple[str, tuple[int, int]], tuple[str, Encoded, float]] = {}
 
     def submit(
         self,
@@ -425,6 +588,72 @@ class GatewayHost(Placed):
         for key in [k for k in self._buffer if k[0] < round_]:
             del self._buffer[key]
         return out
+
+
+    def receive(
+        self,
+        gateway: str,
+        keys: list[tuple[int, int]],
+        devices: list[str],
+        updates: list[Encoded],
+        weights: np.ndarray,
+    ) -> int:
+        """Asynchronous mode: hold updates, keyed by (device index, cycle), until a flush."""
+        if gateway not in self._gateways:
+            raise KeyError(f"gateway {gateway!r} is not hosted here")
+        for key, dev, enc, w in zip(keys, devices, updates, weights, strict=True):
+            self._held[(gateway, (int(key[0]), int(key[1])))] = (dev, enc, float(w))
+        return len(keys)
+
+    def flush(
+        self,
+        gateway: str,
+        index: int,
+        keys: Sequence[tuple[int, int]],
+        factors: Sequence[float],
+    ) -> dict[str, Any]:
+        """Asynchronous mode: aggregate held updates, each weighted samples x staleness factor.
+
+        The public total weight counts the samples at full weight, so the cloud's
+        division leaves a stale update shrunk by its factor (FedBuff's
+        ``sum s(tau_i) delta_i``), instead of merely losing share to fresher ones.
+        The uplink is timed with this gateway's ``index``-th flush stream.
+        """
+        from devices.codecs import CodecError, decode
+
+        if gateway not in self._gateways:
+            raise KeyError(f"gateway {gateway!r} is not hosted here")
+        partial = PartialAggregate.empty(gateway, index, self._num_params)
+        rejected: dict[str, int] = {}
+        rows, names, ws = [], [], []
+        full = 0.0
+        for key, factor in zip(keys, factors, strict=True):
+            dev, enc, w = self._held.pop((gateway, (int(key[0]), int(key[1]))))
+            try:
+                delta = decode(enc, max_elements=self._num_params)
+                if delta.shape != (self._num_params,):
+                    raise CodecError("bad-shape", f"update has shape {delta.shape}")
+            except CodecError as e:
+                rejected[e.reason] = rejected.get(e.reason, 0) + 1
+                continue
+            rows.append(delta)
+            names.append(dev)
+            ws.append(w * float(factor))
+            full += w
+        if rows:
+            partial.add_batch(names, np.stack(rows), np.asarray(ws))
+            partial.total_weight = full
+        node = self._gateways[gateway]
+        uplink = gateway_uplink(
+            node, self._index[gateway], seed=self._seed, round_=index, nbytes=partial.nbytes
+        )
+        return {
+            "partial": partial,
+            "uplink_s": uplink,
+            "uplink_bytes": partial.nbytes,
+            "rejected": sum(rejected.values()),
+            "rejected_by_reason": rejected,
+        }
 
 
 class CoordinatorHost(Placed):

@@ -37,6 +37,7 @@ from hierarchy.uplink import UplinkConfig
 DATASETS = ("har", "fashion", "digits")
 BACKENDS = ("ray", "local")
 LATE_POLICIES = ("drop", "fold")
+MODES = ("sync", "async")
 STREAM_SAMPLE = 101
 
 
@@ -78,6 +79,8 @@ class EmulationConfig:
     over_select: bool = False
     min_battery_mwh: float = 0.0
     adaptive_work: bool = False
+    mode: str = "sync"  # "async": FedBuff-style buffered asynchronous rounds (hierarchy.async_emulate)
+    buffer_size: int | None = None  # async: updates per gateway flush (default: half its devices)
 
     def validate(self) -> None:
         """Name the first bad field; the CLI turns this into exit code 2."""
@@ -119,6 +122,23 @@ class EmulationConfig:
             raise ValueError(f"min-battery-mwh must be >= 0, got {self.min_battery_mwh}")
         if self.adaptive_work and self.deadline_s is None:
             raise ValueError("adaptive-work needs a deadline (--deadline-s) to adapt to")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.buffer_size is not None and self.buffer_size < 1:
+            raise ValueError(f"buffer-size must be >= 1, got {self.buffer_size}")
+        if self.mode == "sync" and self.buffer_size is not None:
+            raise ValueError("buffer-size applies to --mode async only")
+        if self.mode == "async":
+            for flag, used in (
+                ("deadline-s", self.deadline_s is not None),
+                ("quorum", self.quorum is not None),
+                ("late fold", self.late_policy != "drop"),
+                ("participation", self.participation < 1.0),
+                ("over-select", self.over_select),
+                ("adaptive-work", self.adaptive_work),
+            ):
+                if used:
+                    raise ValueError(f"{flag} is a synchronous-round option; not with --mode async")
         for name in ("trainers", "gateway_hosts"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -232,6 +252,8 @@ class Emulation:
                 idx,
                 [nodes[i] for i in idx],
                 gateway_handles,
+                # In-process, the one trainer may use every core; on Ray each has its own.
+                threads=1 if cfg.backend == "ray" else (os.cpu_count() or 1),
                 num_cpus=1 if cfg.backend == "ray" else 0,
             )
             for idx in self.placement.trainers
@@ -488,6 +510,10 @@ def run_emulation(
     topo: Topology | None = None,
 ) -> dict[str, Any]:
     """Run a whole emulation; write ``report.json`` (and plots) into ``cfg.out`` if given."""
+    if cfg.mode == "async":
+        from hierarchy.async_emulate import run_async_emulation
+
+        return run_async_emulation(cfg, progress=progress, on_round=on_round, topo=topo)
     t_start = time.perf_counter()
     if progress:
         print(
@@ -508,6 +534,7 @@ def run_emulation(
         initial = gather([emu.coordinator.call("evaluate")])[0]
         for r in range(1, cfg.rounds + 1):
             rec = emu.run_round(r)
+            rec["time_s"] = (rounds[-1]["time_s"] if rounds else 0.0) + rec["latency_s"]
             rounds.append(rec)
             if on_round:
                 on_round(rec)
