@@ -65,4 +65,34 @@ def plot_report(report: dict[str, Any], out: Path) -> list[Path]:
     fig.savefig(p, dpi=110)
     plt.close(fig)
     paths.append(p)
+
+    # Bytes per tier and device energy, round by round.
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.6, 3.8))
+    for key, label in (
+        ("device_up", "device → gateway"),
+        ("device_down", "gateway → device"),
+        ("gateway_up", "gateway → cloud"),
+        ("gateway_down", "cloud → gateway"),
+    ):
+        ax1.plot(x, [r["bytes"][key] / 1e6 for r in rounds], marker="o", ms=2, label=label)
+    ax1.set_xlabel("round")
+    ax1.set_ylabel("MB per round")
+    ax1.set_yscale("log")
+    ax1.legend(fontsize=7)
+    ax1.grid(alpha=0.3)
+    if all("energy_mwh" in r for r in rounds):
+        ax2.plot(x, [r["energy_mwh"]["total"] for r in rounds], marker="o", ms=2, label="total")
+        ax2.plot(
+            x, [r["energy_mwh"]["compute_total"] for r in rounds], marker="o", ms=2, label="compute"
+        )
+        ax2.set_ylabel("device energy per round (mWh)")
+        ax2.legend(fontsize=7)
+    ax2.set_xlabel("round")
+    ax2.grid(alpha=0.3)
+    fig.suptitle(f"bytes and energy — {title}", fontsize=9)
+    fig.tight_layout()
+    p = out / "bytes_energy.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
     return paths

@@ -111,6 +111,7 @@ def test_ray_emulation_learns_and_report_is_complete(ray_report):
     assert versions == sorted(set(versions))
     assert (out / "accuracy_vs_time.png").stat().st_size > 1000
     assert (out / "latency_breakdown.png").stat().st_size > 1000
+    assert (out / "bytes_energy.png").stat().st_size > 1000
 
 
 def test_same_seed_same_report_across_backends(ray_report):
