@@ -15,11 +15,16 @@ DEMO_OUT ?= runs/demo
 install: $(STAMP) sysdeps
 
 # torch goes in first and pinned: an unpinned resolve pulls a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+# CrypTen 0.4.1 is dormant: its metadata wants the deprecated `sklearn` package and
+# torchvision, so it goes in without dependencies, plus the few it really uses
+# (cloud/crypten_shim.py makes it import on torch 2.13).
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@echo "installing torch==2.13.0 (CPU) and tierfl into $(VENV) ..."
 	@$(PIP) install torch==2.13.0
 	@$(PIP) install -e '.[emulation,dev]' torch==2.13.0
+	@$(PIP) install --no-deps crypten==0.4.1 torch==2.13.0
+	@$(PIP) install omegaconf pyyaml scipy onnx torch==2.13.0
 	@touch $@
 
 # Checked every time (dpkg -s is fast), so a package added here reaches existing checkouts.
@@ -46,6 +51,9 @@ bench: install
 	$(PY) bench/bench_cohort.py
 	$(PY) bench/bench_accuracy.py
 	$(PY) bench/bench_scale.py
+	$(PY) bench/bench_realtime.py
+	$(PY) bench/bench_smpc.py --quick
+	$(PY) bench/bench_gateway_mqtt.py
 	$(PY) bench/bench_vs_peers.py
 
 lint: install
