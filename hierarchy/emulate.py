@@ -252,8 +252,9 @@ class Emulation:
                 idx,
                 [nodes[i] for i in idx],
                 gateway_handles,
-                # In-process, the one trainer may use every core; on Ray each has its own.
-                threads=1 if cfg.backend == "ray" else (os.cpu_count() or 1),
+                # One torch thread per trainer: a second thread measured 3-8x slower per
+                # round on a shared 2-core machine (the small per-device kernels spin).
+                threads=1,
                 num_cpus=1 if cfg.backend == "ray" else 0,
             )
             for idx in self.placement.trainers
