@@ -589,7 +589,6 @@ class GatewayHost(Placed):
             del self._buffer[key]
         return out
 
-
     def receive(
         self,
         gateway: str,

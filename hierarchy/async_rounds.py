@@ -266,9 +266,9 @@ class AsyncTimeline:
         if version is None:  # cannot happen: devices start only once their gateway has a model
             raise RuntimeError(f"device {device} started before gateway {g} had a model")
         earliest = float(env.earliest_arrival_s(device, c, t))
-        if not earliest > t:
+        if not earliest >= t:
             raise ValueError(
-                f"earliest arrival of device {device} cycle {c} ({earliest}) is not after "
+                f"earliest arrival of device {device} cycle {c} ({earliest}) is before "
                 f"its start ({t})"
             )
         job = Job(device, c, g, version, t, earliest)

@@ -204,6 +204,21 @@ def _add_emulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         action="store_true",
         help="slow devices train fewer local steps so they meet --deadline-s",
     )
+    am = p.add_argument_group("asynchronous rounds")
+    am.add_argument(
+        "--mode",
+        choices=("sync", "async"),
+        default="sync",
+        help="sync: rounds with a deadline/quorum; async: FedBuff-style, every device cycles "
+        "on its own, gateways flush every --buffer-size updates, each applied flush is a "
+        "version (--rounds counts versions)",
+    )
+    am.add_argument(
+        "--buffer-size",
+        type=_number(int, minimum=1),
+        default=None,
+        help="async: updates a gateway buffers before it flushes (default: half its devices)",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_emulate)
@@ -254,6 +269,8 @@ def _run_emulate(args: argparse.Namespace) -> int:
         over_select=args.over_select,
         min_battery_mwh=args.min_battery_mwh,
         adaptive_work=args.adaptive_work,
+        mode=args.mode,
+        buffer_size=args.buffer_size,
     )
     try:
         cfg.validate()

@@ -79,7 +79,7 @@ class EmulationConfig:
     over_select: bool = False
     min_battery_mwh: float = 0.0
     adaptive_work: bool = False
-    mode: str = "sync"  # "async": FedBuff-style buffered asynchronous rounds (hierarchy.async_emulate)
+    mode: str = "sync"  # "async": FedBuff-style buffered rounds (hierarchy.async_emulate)
     buffer_size: int | None = None  # async: updates per gateway flush (default: half its devices)
 
     def validate(self) -> None:
