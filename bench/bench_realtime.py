@@ -61,6 +61,11 @@ def main() -> int:
                     help="deadline for the deadline+quorum policy (default: the sync run's p50)")
     ap.add_argument("--quorum", type=float, default=0.7)
     ap.add_argument("--buffer-size", type=int, default=10, help="async: updates per flush")
+    ap.add_argument("--async-rounds", type=int, default=None,
+                    help="async: applied versions (default: --rounds x devices per buffer)")
+    ap.add_argument("--async-server-lr", type=float, default=None,
+                    help="async: server learning rate (stale, one-gateway versions are noisier)")
+    ap.add_argument("--async-strategy", default=None, help="async: server optimizer")
     ap.add_argument("--codecs", default=",".join(CODECS))
     ap.add_argument("--policies", default="sync,deadline+quorum,async")
     ap.add_argument("--backend", default="local", choices=("local", "ray"))
@@ -87,7 +92,14 @@ def main() -> int:
                 extra = dict(deadline_s=deadline, quorum=args.quorum, late_policy="fold")
             elif policy == "async":
                 extra = dict(mode="async", buffer_size=args.buffer_size)
-            cfg = EmulationConfig(**base, uplink=CODECS[name], **extra)  # type: ignore[arg-type]
+            kw = dict(base)
+            if policy == "async":
+                kw["rounds"] = args.async_rounds or args.rounds * 4
+                if args.async_server_lr is not None:
+                    kw["server_lr"] = args.async_server_lr
+                if args.async_strategy is not None:
+                    kw["strategy"] = args.async_strategy
+            cfg = EmulationConfig(**kw, uplink=CODECS[name], **extra)  # type: ignore[arg-type]
             t0 = time.perf_counter()
             rep = run_emulation(cfg, progress=False)
             wall = time.perf_counter() - t0
