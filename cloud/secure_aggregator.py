@@ -108,14 +108,20 @@ class SecureAggregator:
         self.start()
 
     # ------------------------------------------------------------------ life cycle
+    def _party_class(self) -> type:
+        """The party actor class; a subclass may extend the intake (``cloud.unmask``)."""
+        from cloud.smpc import AggregatorParty
+
+        return AggregatorParty
+
     def start(self) -> None:
-        from cloud.smpc import AggregatorParty, Dealer
+        from cloud.smpc import Dealer
 
         self.port = free_port(self.host)
         self._broken = None
         self._handles = [
             self.backend.spawn(
-                AggregatorParty,
+                self._party_class(),
                 r,
                 self.parties,
                 self.port,

@@ -18,105 +18,44 @@ seed alone, which the ``device-shares`` mode needs (a device seals a 32-byte
 seed to a party instead of shipping a whole share).
 
 Runs on edge servers: numpy and the standard library only (no torch,
-CrypTen or Ray).
+CrypTen or Ray). The fixed-point encoding and :func:`expand_mask` are defined in
+``devices.fixed_point`` and re-exported here.
 """
 
 from __future__ import annotations
 
-import hashlib
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+# The encoding and mask expansion live in devices.fixed_point (device-shares mode needs
+# them on devices, which must not import the gateway); re-exported here unchanged.
+from devices.fixed_point import (
+    DEFAULT_MAX_TERMS,
+    FRAC_BITS,
+    decode_fixed,
+    encode_fixed,
+    expand_mask,
+    max_abs,
+    new_seed,
+)
 from gateway.partial_aggregate import PartialAggregate
 
-FRAC_BITS = 16
-# Headroom: a ring value must stay below 2^62 after summing up to MAX_TERMS
-# encoded vectors (gateways, plus the DP noise shares), leaving one more bit
-# for signed comparisons inside SMPC. With 16 fractional bits and 2^16 terms,
-# |x| < 2^30 (about 1.07e9) per coordinate.
-DEFAULT_MAX_TERMS = 2**16
-_DOMAIN = b"tierfl/secret-sharing/v1"
-
-
-def max_abs(frac_bits: int = FRAC_BITS, max_terms: int = DEFAULT_MAX_TERMS) -> float:
-    """The largest |x| :func:`encode_fixed` accepts (exclusive)."""
-    return float(2.0 ** (62 - frac_bits) / max_terms)
-
-
-def encode_fixed(
-    x: np.ndarray, frac_bits: int = FRAC_BITS, max_terms: int = DEFAULT_MAX_TERMS
-) -> np.ndarray:
-    """Float array -> int64 fixed point (round to nearest), refusing what could overflow.
-
-    Values with |x| >= 2^(62 - frac_bits) / max_terms are refused so that a sum
-    of up to ``max_terms`` encoded vectors never wraps the ring; NaN/Inf are
-    refused too. The error names the first offending index.
-    """
-    if not 0 <= frac_bits <= 30:
-        raise ValueError(f"frac_bits must be in [0, 30], got {frac_bits}")
-    if max_terms < 1:
-        raise ValueError(f"max_terms must be >= 1, got {max_terms}")
-    a = np.asarray(x, dtype=np.float64)
-    finite = np.isfinite(a)
-    if not finite.all():
-        i = int(np.flatnonzero(~finite.ravel())[0])
-        raise ValueError(f"cannot encode non-finite value {float(a.ravel()[i])!r} at index {i}")
-    bound = max_abs(frac_bits, max_terms)
-    big = np.abs(a) >= bound
-    if big.any():
-        i = int(np.flatnonzero(big.ravel())[0])
-        raise ValueError(
-            f"value {float(a.ravel()[i])!r} at index {i} is out of range for fixed point with "
-            f"{frac_bits} fractional bits: max |x| is {bound:.6g} "
-            f"(2^{62 - frac_bits} / {max_terms} summed terms)"
-        )
-    return np.rint(a * float(2**frac_bits)).astype(np.int64)
-
-
-def decode_fixed(x: np.ndarray, frac_bits: int = FRAC_BITS) -> np.ndarray:
-    """int64 fixed point -> float64, exact for |x| < 2^53 (true division, no floor tricks)."""
-    a = np.asarray(x)
-    if a.dtype != np.int64:
-        raise TypeError(f"decode_fixed expects int64 ring values, got {a.dtype}")
-    return a.astype(np.float64) / float(2**frac_bits)
-
-
-def new_seed() -> bytes:
-    """A fresh 256-bit secret from the OS CSPRNG."""
-    return secrets.token_bytes(32)
-
-
-def _seed_bytes(seed: bytes | int) -> bytes:
-    if isinstance(seed, bool):
-        raise TypeError("seed must be bytes or int, not bool")
-    if isinstance(seed, int):
-        if not 0 <= seed < 2**256:
-            raise ValueError("an integer seed must be in [0, 2^256)")
-        # Fine for tests; a real gateway passes new_seed(): a small int is guessable.
-        return seed.to_bytes(32, "big")
-    if isinstance(seed, bytes | bytearray):
-        if len(seed) < 16:
-            raise ValueError(f"a bytes seed needs at least 16 bytes (128 bits), got {len(seed)}")
-        return bytes(seed)
-    raise TypeError(f"seed must be bytes or int, got {type(seed).__name__}")
-
-
-def expand_mask(seed: bytes | int, index: int, n: int, label: bytes = b"share") -> np.ndarray:
-    """n uniform int64 ring elements from SHAKE-256(domain, label, index, seed).
-
-    Deterministic: whoever holds the seed regenerates the same mask. Different
-    ``index``/``label`` give independent streams from one seed.
-    """
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    key = _seed_bytes(seed)
-    h = hashlib.shake_256()
-    for part in (_DOMAIN, label, index.to_bytes(8, "big", signed=False), key):
-        h.update(len(part).to_bytes(4, "big") + part)
-    return np.frombuffer(h.digest(8 * n), dtype="<i8").astype(np.int64, copy=True)
+__all__ = [
+    "DEFAULT_MAX_TERMS",
+    "FRAC_BITS",
+    "SharedPartial",
+    "decode_fixed",
+    "encode_fixed",
+    "expand_mask",
+    "max_abs",
+    "new_seed",
+    "reconstruct",
+    "share_partial",
+    "share_vector",
+    "split_shares",
+]
 
 
 def split_shares(x_fixed: np.ndarray, k: int, seed: bytes | int | None = None) -> list[np.ndarray]:
