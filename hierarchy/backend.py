@@ -106,6 +106,10 @@ class RayBackend(Backend):
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+        if not address:
+            # A private local cluster stays on loopback: by default Ray advertises the host's
+            # interface address and its daemons talk over it. Read when ray is imported.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         import logging
 
         import ray

@@ -291,6 +291,24 @@ def _run_emulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_unavailable(sub: argparse._SubParsersAction, name: str, err: ImportError) -> None:  # type: ignore[type-arg]
+    """A subcommand whose dependencies are not installed: say which extra provides them."""
+    p = sub.add_parser(
+        name, help=f"(needs tierfl[emulation]: {err.name} is not installed)", add_help=False
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+
+    def fail(args: argparse.Namespace) -> int:
+        print(
+            f"error: 'tierfl {name}' needs the emulation extra "
+            f"(pip install 'tierfl[emulation]'): {err}",
+            file=sys.stderr,
+        )
+        return 2
+
+    p.set_defaults(func=fail)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tierfl",
@@ -298,12 +316,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    _add_emulate(sub)
-    from devices.keys import add_keys_parser
-    from hierarchy.cli_topology import add_topology_parser
+    # An edge server installs only tierfl[gateway] (no networkx, torch or Ray): the
+    # emulation commands then explain what is missing, and the gateway commands still work.
+    try:
+        _add_emulate(sub)
+    except ImportError as e:
+        _add_unavailable(sub, "emulate", e)
+    try:
+        from hierarchy.cli_topology import add_topology_parser
 
-    add_topology_parser(sub)
+        add_topology_parser(sub)
+    except ImportError as e:
+        _add_unavailable(sub, "topology", e)
+    from devices.client import add_device_parser
+    from devices.keys import add_keys_parser
+    from gateway.cli import add_gateway_parser
+
     add_keys_parser(sub)
+    add_gateway_parser(sub)
+    add_device_parser(sub)
     return parser
 
 

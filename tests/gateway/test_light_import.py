@@ -40,3 +40,37 @@ def test_the_blocker_really_blocks():
         timeout=60,
     )
     assert proc.returncode != 0 and "torch is blocked" in proc.stderr
+
+
+CLI_BLOCKED = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in {'torch', 'crypten', 'ray', 'networkx', 'matplotlib'}:
+            raise ImportError(f'{name} is blocked', name=name)
+        return None
+sys.meta_path.insert(0, Block())
+from hierarchy.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_tierfl_cli_serves_gateway_commands_on_a_gateway_only_install():
+    ok = subprocess.run(
+        [sys.executable, "-c", CLI_BLOCKED, "gateway", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "--config" in ok.stdout
+    emu = subprocess.run(
+        [sys.executable, "-c", CLI_BLOCKED, "emulate", "x.graphml"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert emu.returncode == 2
+    assert "needs the emulation extra" in emu.stderr

@@ -48,6 +48,35 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+_NODES = (
+    "import json, logging, sys, ray\n"
+    "ray.init(address=sys.argv[1], logging_level=logging.ERROR, log_to_driver=False)\n"
+    "print(json.dumps([n for n in ray.nodes() if n['Alive']], default=str))\n"
+)
+
+
+def _nodes_when(address: str, ready, head: subprocess.Popen, deadline: float) -> list:
+    """Poll the cluster's live nodes (from a subprocess) until ``ready(nodes)``."""
+    while True:
+        proc = subprocess.run(
+            [sys.executable, "-c", _NODES, address],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=os.environ.copy(),
+        )
+        if proc.returncode == 0:
+            nodes = json.loads(proc.stdout.strip().splitlines()[-1])
+            if ready(nodes):
+                return nodes
+        if time.time() > deadline or head.poll() is not None:
+            raise TimeoutError(
+                f"cluster at {address} not ready (exit {proc.returncode}): "
+                f"{proc.stdout[-500:]} {proc.stderr[-2000:]}"
+            )
+        time.sleep(1)
+
+
 @pytest.fixture
 def cluster(monkeypatch):
     if not RAY.exists():
@@ -56,6 +85,9 @@ def cluster(monkeypatch):
     # driver (this test and the emulation it launches) gets the same one via the environment.
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    # conftest pins private clusters to loopback with this switch, but it also stops a node
+    # from joining another: here every node is given 127.0.0.1 explicitly instead.
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
     port = _free_port()
     address = f"127.0.0.1:{port}"
     head = _start(
@@ -70,17 +102,10 @@ def cluster(monkeypatch):
     )
     procs = [head]
     try:
-        import ray
-
-        deadline = time.time() + 60
-        while True:
-            try:
-                ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-                break
-            except Exception:
-                if time.time() > deadline or head.poll() is not None:
-                    raise
-                time.sleep(1)
+        # Cluster state is read from a fresh subprocess: Ray caches its auth mode per
+        # process, so an in-process ray.init with a token would clash with the
+        # token-less local clusters other tests start in this process.
+        nodes = _nodes_when(address, lambda ns: bool(ns), head, time.time() + 60)
         procs.append(
             _start(
                 [
@@ -91,12 +116,13 @@ def cluster(monkeypatch):
                 ]
             )
         )
-        while not any("gateway:gw01" in n["Resources"] for n in ray.nodes() if n["Alive"]):
-            if time.time() > deadline:
-                raise TimeoutError("edge node did not join")
-            time.sleep(0.5)
-        edge = next(n["NodeID"] for n in ray.nodes() if "gateway:gw01" in n["Resources"])
-        ray.shutdown()
+        nodes = _nodes_when(
+            address,
+            lambda ns: any("gateway:gw01" in n["Resources"] for n in ns),
+            head,
+            time.time() + 60,
+        )
+        edge = next(n["NodeID"] for n in nodes if "gateway:gw01" in n["Resources"])
         yield address, edge
     finally:
         for p in reversed(procs):
