@@ -1,6 +1,6 @@
 """A gateway's configuration: one dataclass per concern, loadable from TOML.
 
-An edge server runs ``tierfl gateway --config gw.toml``; the file looks like::
+An edge server runs ``tierfl gateway serve --config gw.toml``; the file looks like::
 
     id = "gw00"
     registry = "keys/registry.toml"     # or a directory of <device>.pub files
