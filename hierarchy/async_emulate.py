@@ -57,7 +57,9 @@ from hierarchy.emulate import (
     EmulationConfig,
     _merge_stats,
     _percentiles,
+    announce,
     build_report,
+    drive,
     write_report,
 )
 from hierarchy.netem import transfer_time
@@ -366,42 +368,17 @@ def run_async_emulation(
 ) -> dict[str, Any]:
     """``run_emulation`` for ``mode="async"``: same report, one record per applied flush."""
     t_start = time.perf_counter()
-    if progress:
-        print(
-            f"starting the {cfg.backend} backend and building the actor tree ...",
-            file=sys.stderr,
-            flush=True,
-        )
+    announce(cfg, progress)
     emu = AsyncEmulation(cfg, topo)
-    rounds: list[dict[str, Any]] = []
-    try:
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(
-                total=cfg.rounds,
-                desc=f"emulate {emu.topo.name} (async)",
-                unit="version",
-                dynamic_ncols=True,
-            )
-        initial = gather([emu.coordinator.call("evaluate")])[0]
-        for rec in emu.run():
-            rounds.append(rec)
-            if on_round:
-                on_round(rec)
-            if bar is not None:
-                acc = rec["accuracy"]
-                bar.set_postfix(
-                    acc=f"{acc:.3f}" if acc is not None else "-",
-                    t=f"{rec['time_s']:.1f}s",
-                    refresh=False,
-                )
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-    finally:
-        emu.close()
+    initial, rounds = drive(
+        emu,
+        emu.run,
+        progress=progress,
+        on_round=on_round,
+        desc=f"emulate {emu.topo.name} (async)",
+        unit="version",
+        postfix=lambda rec: {"t": f"{rec['time_s']:.1f}s"},
+    )
     if not rounds:
         raise RuntimeError(
             f"{emu.topo.name}: no update could ever be applied (no device with data and battery)"

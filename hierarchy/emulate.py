@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -516,45 +516,79 @@ def run_emulation(
 
         return run_async_emulation(cfg, progress=progress, on_round=on_round, topo=topo)
     t_start = time.perf_counter()
+    announce(cfg, progress)
+    emu = Emulation(cfg, topo)
+
+    def records() -> Iterator[dict[str, Any]]:
+        t = 0.0
+        for r in range(1, cfg.rounds + 1):
+            rec = emu.run_round(r)
+            t += rec["latency_s"]
+            rec["time_s"] = t
+            yield rec
+
+    initial, rounds = drive(
+        emu,
+        records,
+        progress=progress,
+        on_round=on_round,
+        desc=f"emulate {emu.topo.name}",
+        unit="round",
+        postfix=lambda rec: {"lat": f"{rec['latency_s']:.2f}s"},
+    )
+    report = build_report(emu, rounds, initial, time.perf_counter() - t_start)
+    if cfg.out is not None:
+        write_report(report, cfg.out, plots=cfg.plots)
+    return report
+
+
+def announce(cfg: EmulationConfig, progress: bool) -> None:
+    """Say what is happening before the (possibly long) actor start-up."""
     if progress:
         print(
             f"starting the {cfg.backend} backend and building the actor tree ...",
             file=sys.stderr,
             flush=True,
         )
-    emu = Emulation(cfg, topo)
+
+
+def drive(
+    emu: Emulation,
+    records: Callable[[], Iterator[dict[str, Any]]],
+    *,
+    progress: bool,
+    on_round: Callable[[dict[str, Any]], None] | None,
+    desc: str,
+    unit: str,
+    postfix: Callable[[dict[str, Any]], dict[str, str]],
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Evaluate the initial model, collect every record (with a progress bar), close ``emu``.
+
+    Shared by the sync and async drivers: only where records come from differs.
+    """
     rounds: list[dict[str, Any]] = []
     try:
         bar = None
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(
-                total=cfg.rounds, desc=f"emulate {emu.topo.name}", unit="round", dynamic_ncols=True
-            )
+            bar = tqdm(total=emu.cfg.rounds, desc=desc, unit=unit, dynamic_ncols=True)
         initial = gather([emu.coordinator.call("evaluate")])[0]
-        for r in range(1, cfg.rounds + 1):
-            rec = emu.run_round(r)
-            rec["time_s"] = (rounds[-1]["time_s"] if rounds else 0.0) + rec["latency_s"]
+        for rec in records():
             rounds.append(rec)
             if on_round:
                 on_round(rec)
             if bar is not None:
                 acc = rec["accuracy"]
                 bar.set_postfix(
-                    acc=f"{acc:.3f}" if acc is not None else "-",
-                    lat=f"{rec['latency_s']:.2f}s",
-                    refresh=False,
+                    acc=f"{acc:.3f}" if acc is not None else "-", **postfix(rec), refresh=False
                 )
                 bar.update(1)
         if bar is not None:
             bar.close()
     finally:
         emu.close()
-    report = build_report(emu, rounds, initial, time.perf_counter() - t_start)
-    if cfg.out is not None:
-        write_report(report, cfg.out, plots=cfg.plots)
-    return report
+    return initial, rounds
 
 
 def build_report(
