@@ -28,6 +28,7 @@ def _number(
 
 
 def _add_emulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from devices.lr_schedule import LR_SCHEDULES
     from hierarchy.emulate import BACKENDS, DATASETS
 
     p = sub.add_parser(
@@ -79,6 +80,20 @@ def _add_emulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         type=_number(float, minimum=0, strict=True),
         default=0.05,
         help="local SGD learning rate",
+    )
+    p.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default="constant",
+        help="client lr over rounds: round 1 at --lr, the last at --lr x --lr-final "
+        "(cosine, exp, or inverse = Li et al.'s 1/(t+gamma)); FedAvg on non-IID data "
+        "needs a decaying lr to settle (sync mode only)",
+    )
+    p.add_argument(
+        "--lr-final",
+        type=_number(float, minimum=0, strict=True),
+        default=0.1,
+        help="last round's client lr as a fraction of --lr, in (0, 1] (with --lr-schedule)",
     )
     p.add_argument(
         "--max-steps",
@@ -249,6 +264,8 @@ def _run_emulate(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         server_lr=args.server_lr,
         server_momentum=args.server_momentum,
+        lr_schedule=args.lr_schedule,
+        lr_final=args.lr_final,
         deadline_s=args.deadline_s,
         eval_every=args.eval_every,
         backend=args.backend,

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from devices.lr_schedule import check_lr_schedule, scheduled_lr
 from gateway.partial_aggregate import PartialAggregate
 from hierarchy.actors import (
     CohortHost,
@@ -79,6 +80,10 @@ class EmulationConfig:
     over_select: bool = False
     min_battery_mwh: float = 0.0
     adaptive_work: bool = False
+    # Client learning rate over rounds (devices.lr_schedule): round 1 trains at local.lr,
+    # the last round at local.lr * lr_final. FedAvg on non-IID data needs the decay to settle.
+    lr_schedule: str = "constant"
+    lr_final: float = 0.1
     mode: str = "sync"  # "async": FedBuff-style buffered rounds (hierarchy.async_emulate)
     buffer_size: int | None = None  # async: updates per gateway flush (default: half its devices)
 
@@ -98,6 +103,7 @@ class EmulationConfig:
             raise ValueError("epochs and batch-size must be >= 1 and lr > 0")
         if self.local.max_steps is not None and self.local.max_steps < 1:
             raise ValueError("max-steps must be >= 1")
+        check_lr_schedule(self.lr_schedule, self.lr_final)
         if self.deadline_s is not None and not self.deadline_s > 0:
             raise ValueError(f"deadline must be > 0 seconds, got {self.deadline_s}")
         if self.eval_every < 1:
@@ -136,6 +142,9 @@ class EmulationConfig:
                 ("participation", self.participation < 1.0),
                 ("over-select", self.over_select),
                 ("adaptive-work", self.adaptive_work),
+                # An async device trains whenever it is free, against whichever version
+                # it holds: there is no round index to schedule by.
+                ("lr-schedule", self.lr_schedule != "constant"),
             ):
                 if used:
                     raise ValueError(f"{flag} is a synchronous-round option; not with --mode async")
@@ -325,7 +334,8 @@ class Emulation:
         }
         sel = self.select(round_)
         selected = sel["reachable"]
-        local = LocalTrainingConfig(**asdict(cfg.local))
+        lr = scheduled_lr(cfg.local.lr, round_, cfg.rounds, cfg.lr_schedule, cfg.lr_final)
+        local = LocalTrainingConfig(**{**asdict(cfg.local), "lr": lr})
         stats = _merge_stats(
             gather(
                 [
@@ -388,9 +398,11 @@ class Emulation:
         if round_ % cfg.eval_every == 0 or round_ == cfg.rounds:
             evaluation = gather([self.coordinator.call("evaluate")])[0]
         wall = time.perf_counter() - wall0
-        return self._record(
+        rec = self._record(
             round_, stats, closes, starts, applied, evaluation, sel, wall, wall_train, m_bytes
         )
+        rec["lr"] = lr
+        return rec
 
     def _record(
         self,

@@ -176,3 +176,30 @@ def test_diverged_updates_are_rejected_at_the_gateway_not_applied():
     for r in report["rounds"]:
         # whatever got through was finite: the model stays usable
         assert r["loss"] is not None and r["loss"] == r["loss"]
+
+
+def test_lr_schedule_drives_each_rounds_client_lr_and_is_validated():
+    from devices.lr_schedule import scheduled_lr
+
+    base = dict(topology=SMOKE, rounds=4, dataset="digits", seed=0, backend="local", plots=False,
+                local=LocalConfig(lr=0.1))
+    decayed = run_emulation(
+        EmulationConfig(**base, lr_schedule="cosine", lr_final=0.1), progress=False
+    )
+    assert [r["lr"] for r in decayed["rounds"]] == pytest.approx(
+        [scheduled_lr(0.1, r, 4, "cosine", 0.1) for r in range(1, 5)]
+    )
+    assert decayed["rounds"][-1]["lr"] == pytest.approx(0.01)
+    assert decayed["config"]["lr_schedule"] == "cosine"
+    flat = run_emulation(EmulationConfig(**base), progress=False)
+    assert [r["lr"] for r in flat["rounds"]] == [0.1] * 4
+    # Round 1 trains at the same rate, so it is the same model; later rounds differ.
+    assert decayed["rounds"][0]["model_hash"] == flat["rounds"][0]["model_hash"]
+    assert decayed["rounds"][-1]["update_norm"] < flat["rounds"][-1]["update_norm"]
+
+    with pytest.raises(ValueError, match="unknown lr-schedule 'step'"):
+        EmulationConfig(**base, lr_schedule="step").validate()
+    with pytest.raises(ValueError, match="lr-final must be in"):
+        EmulationConfig(**base, lr_schedule="exp", lr_final=0.0).validate()
+    with pytest.raises(ValueError, match="lr-schedule is a synchronous-round option"):
+        EmulationConfig(**base, lr_schedule="cosine", mode="async").validate()
