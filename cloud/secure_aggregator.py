@@ -141,6 +141,12 @@ class SecureAggregator:
         refs = [h.call("init") for h in self._handles]
         self._collect(refs, "start", self.start_timeout_s)
 
+    @property
+    def party_handles(self) -> list[Any]:
+        """The running parties' backend handles, rank order (gateways submit to them)."""
+        self._check_up()
+        return list(self._handles)
+
     def restart(self) -> None:
         self.shutdown()
         self.start()

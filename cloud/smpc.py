@@ -371,6 +371,19 @@ class AggregatorParty:
         )
         return int(a.shape[0])
 
+    def submit_seed(self, share: Any) -> int:
+        """Buffer a share that arrived as its seed (``gateway.secret_sharing.SeedShare``)."""
+        if share.party != self.rank:
+            raise ValueError(
+                f"party {self.rank}: seed share of {share.gateway!r} is for party {share.party}"
+            )
+        if not isinstance(share.seed, bytes) or not 16 <= len(share.seed) <= 64:
+            raise ValueError(f"party {self.rank}: seed of {share.gateway!r} must be 16-64 bytes")
+        if not 0 < int(share.length) <= 1 << 28:
+            raise ValueError(f"party {self.rank}: bad share length {share.length!r}")
+        sp = share.expand()
+        return self.submit_share(sp.round, sp.gateway, sp.share, sp.total_weight, sp.count)
+
     def received(self, round_: int) -> dict[str, tuple[int, float, int]]:
         """What this party holds for a round: gateway -> (length, total_weight, count)."""
         held = self._held.get(round_, {})
