@@ -342,6 +342,10 @@ class AggregatorParty:
             )
         return {"rank": self.rank, "pid": os.getpid(), "dealer": self.dealer}
 
+    def where(self) -> dict[str, Any]:
+        """This party's process (placement reports, fault drills)."""
+        return {"rank": self.rank, "pid": os.getpid()}
+
     def shutdown(self) -> None:
         """Leave the group (rank 0 also tells the dealer to stop)."""
         if self._crypten is not None and self._crypten.is_initialized():
