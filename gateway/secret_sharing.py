@@ -10,9 +10,9 @@ with wrap-around, so ``crypten.mpc.MPCTensor.from_shares`` on the cloud side
 takes these shares unchanged. Numpy's int64 array arithmetic wraps modulo
 2^64 silently, which is exactly the ring arithmetic we want.
 
-Randomness: shares 0..K-2 are the output of SHAKE-256 (a standard
-extendable-output function, i.e. a CSPRNG) keyed with a 256-bit secret seed
-and domain-separated by party index; the last share is the difference. The
+Randomness: shares 0..K-2 are CSPRNG output (AES-256-CTR under a key derived
+with SHAKE-256 from a 256-bit secret seed, domain-separated by party index:
+``devices.fixed_point.expand_mask``); the last share is the difference. The
 same expansion (:func:`expand_mask`) lets a party regenerate a mask from a
 seed alone, which the ``device-shares`` mode needs (a device seals a 32-byte
 seed to a party instead of shipping a whole share).
