@@ -58,9 +58,7 @@ def run_mode(topology: Path, mode: str, args: argparse.Namespace) -> dict:
         local=LocalConfig(epochs=args.epochs),
         plots=False,
         dropout=args.dropout,
-        privacy=PrivacyConfig(
-            mode="none" if mode == "no-smpc" else mode, parties=args.parties
-        ),
+        privacy=PrivacyConfig(mode="none" if mode == "no-smpc" else mode, parties=args.parties),
     )
     t0 = time.perf_counter()
     rep = run_emulation(cfg, progress=False)
@@ -126,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                 ratio = extra = float("nan")
                 if base is not None:
                     ratio = r["round_wall_s"] / base["round_wall_s"]
-                    extra = 1e3 * (r["round_wall_s"] - base["round_wall_s"]) / max(r["reporting"], 1)
+                    extra = (
+                        1e3 * (r["round_wall_s"] - base["round_wall_s"]) / max(r["reporting"], 1)
+                    )
                 print(
                     f"{r['mode']:16} {r['round_wall_s']:8.3f} {ratio:6.2f} {extra:8.3f} "
                     f"{r['smpc_wall_s']:7.3f} {r['reporting']:8.1f} {r['dropped']:7.1f} "

@@ -47,6 +47,7 @@ def plot_report(report: dict[str, Any], out: Path) -> list[Path]:
         "device_upload",
         "gateway_wait",
         "gateway_to_cloud",
+        "cloud_smpc",
     ]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     x = np.array([r["round"] for r in rounds])

@@ -171,6 +171,15 @@ def test_cli_privacy_errors_exit_2_with_a_message(args, match):
 
 def test_help_documents_the_privacy_flags():
     out = _cli("--help").stdout
-    for flag in ("--privacy", "--no-smpc", "--smpc-parties", "--noise-multiplier", "--clip-norm",
-                 "--epsilon-budget", "--secure-clip", "--smpc-retries", "--dropout"):
+    for flag in (
+        "--privacy",
+        "--no-smpc",
+        "--smpc-parties",
+        "--noise-multiplier",
+        "--clip-norm",
+        "--epsilon-budget",
+        "--secure-clip",
+        "--smpc-retries",
+        "--dropout",
+    ):
         assert flag in out
