@@ -343,8 +343,16 @@ class AggregatorParty:
         return {"rank": self.rank, "pid": os.getpid(), "dealer": self.dealer}
 
     def where(self) -> dict[str, Any]:
-        """This party's process (placement reports, fault drills)."""
-        return {"rank": self.rank, "pid": os.getpid()}
+        """This party's process and Ray node (placement reports, fault drills)."""
+        import sys
+
+        node = None
+        if "ray" in sys.modules:
+            import ray
+
+            if ray.is_initialized():
+                node = ray.get_runtime_context().get_node_id()
+        return {"rank": self.rank, "pid": os.getpid(), "node": node}
 
     def shutdown(self) -> None:
         """Leave the group (rank 0 also tells the dealer to stop)."""

@@ -319,6 +319,9 @@ class Emulation:
             "coordinator": spots[0],
             "hosts": spots[1 : 1 + len(self.hosts)],
             "trainers": spots[1 + len(self.hosts) :],
+            "parties": gather([h.call("where") for h in self.secure.party_handles])
+            if self.secure is not None
+            else [],
         }
 
     def _start_parties(self) -> None:
@@ -327,6 +330,11 @@ class Emulation:
         kwargs: dict[str, Any] = dict(
             parties=pc.parties, norm_bounding=pc.secure_clip is not None, threads=1
         )
+        if self.cfg.ray_address:
+            # On a cluster the parties run on the driver's (head, "cloud") node: rank 0
+            # serves the gloo rendezvous at this node's address, which the others dial.
+            ip = self.backend.driver_node_ip()  # type: ignore[attr-defined]
+            kwargs.update(host=ip, resources={f"node:{ip}": 0.001})
         if self.privacy == "device-shares":
             from cloud.party_keys import generate_party_keys, public_keys
             from cloud.unmask import DeviceSharesAggregator
@@ -375,6 +383,7 @@ class Emulation:
                 {"devices": len(idx), **w}
                 for idx, w in zip(self.placement.trainers, self._where["trainers"], strict=True)
             ],
+            "smpc_parties": self._where["parties"],
         }
 
     def select(self, round_: int) -> dict[str, Any]:
