@@ -200,3 +200,17 @@ def test_parties_take_seed_shares_and_reveal_the_same_sum(agg3):
     res = agg.aggregate(40)
     np.testing.assert_allclose(res.values, np.sum(xs, axis=0), atol=4 * 2.0**-16)
     assert res.count == 12 and res.total_weight == 8.0
+
+
+def test_five_parties_reveal_the_sum_of_many_gateways(backend):
+    """K = 5 (no dealer), 40 gateways with negative values: relative error <= 1e-4."""
+    with SecureAggregator(backend, parties=5, timeout_s=60) as agg:
+        rng = np.random.default_rng(5)
+        xs = [rng.normal(scale=30.0, size=1500) - 12.0 for _ in range(40)]
+        xs[3][:2] = [-20 + 5 / 65536, -7.5]
+        _submit(agg, 1, xs)
+        res = agg.aggregate(1)
+        plain = np.sum(xs, axis=0)
+        assert np.linalg.norm(res.values - plain) <= 1e-4 * np.linalg.norm(plain)
+        assert np.abs(res.values - plain).max() <= 40 * 2.0**-17
+        assert len(res.gateways) == 40 and res.share_bytes_in == 5 * 40 * 1500 * 8
