@@ -496,6 +496,7 @@ class Emulation:
         )
         stats["energy_mwh"] = energy
         self.battery[stats["device"]] -= energy
+        wall_close = time.perf_counter() - wall0 - wall_train
         if self.secure is not None:
             applied, secure = self._secure_apply(round_, closes)
         else:
@@ -506,6 +507,13 @@ class Emulation:
         if self.accountant is not None:
             secure["epsilon"] = self.accountant.step()
             secure["delta"] = self.accountant.delta
+        # Wall time by phase: training (+ device-side compression/masking), gateway close
+        # (+ sharing), cloud (SMPC or plaintext apply).
+        wall_phases = {
+            "wall_train_s": wall_train,
+            "wall_close_s": wall_close,
+            "wall_cloud_s": time.perf_counter() - wall0 - wall_train - wall_close,
+        }
         evaluation: dict[str, float] = {}
         if round_ % cfg.eval_every == 0 or round_ == cfg.rounds:
             evaluation = gather([self.coordinator.call("evaluate")])[0]
@@ -522,6 +530,7 @@ class Emulation:
             wall_train,
             m_bytes,
             secure,
+            wall_phases,
         )
 
     def check_budget(self, round_: int) -> None:
@@ -607,6 +616,7 @@ class Emulation:
         wall_train: float,
         m_bytes: int,
         secure: dict[str, Any] | None = None,
+        wall_phases: dict[str, float] | None = None,
     ) -> dict[str, Any]:
         secure = secure or {"mode": "none", "smpc_s": 0.0}
         arrivals = stats["arrival_s"]
@@ -709,7 +719,7 @@ class Emulation:
             "privacy": secure,
             "epsilon": secure.get("epsilon"),
             "wall_s": wall,
-            "wall_train_s": wall_train,
+            **(wall_phases or {"wall_train_s": wall_train}),
         }
 
     def close(self) -> None:
