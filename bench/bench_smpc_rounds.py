@@ -15,7 +15,10 @@ With ``--dropout 0.3`` 30 % of the selected, reachable devices vanish before
 they report: a round must still complete (no abort) in every mode. Per mode:
 steady-state wall seconds per round (rounds 2..R, mean; round 1 pays
 warm-up), its ratio to ``no-smpc`` and the extra milliseconds per reporting
-device, the bytes each tier sent, and the accuracy reached.
+device, the bytes each tier sent, and the accuracy reached. The machine is
+shared and noisy, so modes run interleaved ``--repeats`` times and each keeps
+its best (lowest) median steady round; the wall time is also split by phase
+(training incl. device-side masking, gateway close incl. sharing, cloud).
 
     .venv/bin/python bench/bench_smpc_rounds.py                  # N in {100, 1000}, HAPT
     .venv/bin/python bench/bench_smpc_rounds.py --devices 100 --dataset digits
@@ -63,12 +66,19 @@ def run_mode(topology: Path, mode: str, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     rep = run_emulation(cfg, progress=False)
     steady = rep["rounds"][1:]
+
+    def med(key: str) -> float:
+        return float(np.median([r[key] for r in steady]))
+
     return {
         "mode": mode,
         "rounds": len(rep["rounds"]),
         "aborted": sum(1 for r in rep["rounds"] if r["privacy"].get("restarts", 0)),
         "stopped": rep["stopped"],
-        "round_wall_s": float(np.mean([r["wall_s"] for r in steady])),
+        "round_wall_s": med("wall_s"),
+        "train_s": med("wall_train_s"),
+        "close_s": med("wall_close_s"),
+        "cloud_s": med("wall_cloud_s"),
         "reporting": float(np.mean([r["participants"] for r in steady])),
         "dropped": float(np.mean([r["dropped"] for r in steady])),
         "device_up": float(np.mean([r["bytes"]["update_bytes_mean"] for r in steady])),
@@ -87,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--devices", type=_ints, default=[100, 1000], help="N values")
     ap.add_argument("--gateways", type=int, default=10, help="gateways (N / G devices each)")
     ap.add_argument("--dataset", default="har", choices=("har", "fashion", "digits"))
-    ap.add_argument("--rounds", type=int, default=4, help="rounds per run (>= 2)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds per run (>= 2)")
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved runs per mode")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--parties", type=int, default=3)
     ap.add_argument("--dropout", type=float, default=0.3)
@@ -108,7 +119,13 @@ def main(argv: list[str] | None = None) -> int:
                 generate_topology(args.gateways, per, "zero", args.seed),
                 Path(tmp) / f"zero-{n}.graphml",
             )
-            rows = [run_mode(topo, m, args) for m in modes]
+            best: dict[str, dict] = {}
+            for _ in range(args.repeats):
+                for m in modes:
+                    r = run_mode(topo, m, args)
+                    if m not in best or r["round_wall_s"] < best[m]["round_wall_s"]:
+                        best[m] = r
+            rows = [best[m] for m in modes]
             base = next((r for r in rows if r["mode"] == "no-smpc"), None)
             print(
                 f"\nN={args.gateways * per} devices, {args.gateways} gateways, {args.dataset}, "
@@ -116,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                 "(steady = rounds 2..R)"
             )
             print(
-                f"{'mode':16} {'round s':>8} {'ratio':>6} {'+ms/dev':>8} {'smpc s':>7} "
+                f"{'mode':16} {'round s':>8} {'ratio':>6} {'+ms/dev':>8} {'train':>6} "
+                f"{'close':>6} {'cloud':>6} {'smpc s':>7} "
                 f"{'reported':>8} {'dropped':>7} {'dev up B':>9} {'gw up B':>9} "
                 f"{'party B':>9} {'acc':>6} {'aborted':>7}"
             )
@@ -129,9 +147,11 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 print(
                     f"{r['mode']:16} {r['round_wall_s']:8.3f} {ratio:6.2f} {extra:8.3f} "
+                    f"{r['train_s']:6.3f} {r['close_s']:6.3f} {r['cloud_s']:6.3f} "
                     f"{r['smpc_wall_s']:7.3f} {r['reporting']:8.1f} {r['dropped']:7.1f} "
                     f"{r['device_up']:9.0f} {r['gateway_up']:9.0f} {r['parties']:9.0f} "
-                    f"{r['accuracy']:6.3f} {r['aborted']:7d}"
+                    f"{r['accuracy']:6.3f} {r['aborted']:7d}",
+                    flush=True,
                 )
                 if r["mode"] in TARGET_RATIO and base is not None:
                     good = (
