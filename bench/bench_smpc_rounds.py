@@ -73,7 +73,9 @@ def run_mode(topology: Path, mode: str, args: argparse.Namespace) -> dict:
     return {
         "mode": mode,
         "rounds": len(rep["rounds"]),
-        "aborted": sum(1 for r in rep["rounds"] if r["privacy"].get("restarts", 0)),
+        # A round that did not complete: the run stopped before its last round.
+        "aborted": args.rounds - len(rep["rounds"]),
+        "retried": sum(int(r["privacy"].get("restarts", 0)) for r in rep["rounds"]),
         "stopped": rep["stopped"],
         "round_wall_s": med("wall_s"),
         "train_s": med("wall_train_s"),
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{'mode':16} {'round s':>8} {'ratio':>6} {'+ms/dev':>8} {'train':>6} "
                 f"{'close':>6} {'cloud':>6} {'smpc s':>7} "
                 f"{'reported':>8} {'dropped':>7} {'dev up B':>9} {'gw up B':>9} "
-                f"{'party B':>9} {'acc':>6} {'aborted':>7}"
+                f"{'party B':>9} {'acc':>6} {'aborted':>7} {'retried':>7}"
             )
             for r in rows:
                 ratio = extra = float("nan")
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r['train_s']:6.3f} {r['close_s']:6.3f} {r['cloud_s']:6.3f} "
                     f"{r['smpc_wall_s']:7.3f} {r['reporting']:8.1f} {r['dropped']:7.1f} "
                     f"{r['device_up']:9.0f} {r['gateway_up']:9.0f} {r['parties']:9.0f} "
-                    f"{r['accuracy']:6.3f} {r['aborted']:7d}",
+                    f"{r['accuracy']:6.3f} {r['aborted']:7d} {r['retried']:7d}",
                     flush=True,
                 )
                 if r["mode"] in TARGET_RATIO and base is not None:
