@@ -122,6 +122,21 @@ class SharedPartial:
         return int(self.share.size) * 8 + 64
 
 
+def _encode_sum(
+    gateway: str, round_: int, values: np.ndarray, total_weight: float, max_terms: int
+) -> np.ndarray:
+    """Check a gateway's flat sum and public weight, and encode the sum in the ring."""
+    v = np.asarray(values)
+    if v.ndim != 1:
+        raise ValueError(f"gateway {gateway!r}: expected a flat vector, got shape {v.shape}")
+    if not np.isfinite(total_weight) or total_weight < 0:
+        raise ValueError(f"gateway {gateway!r}: invalid total weight {total_weight!r}")
+    try:
+        return encode_fixed(v, FRAC_BITS, max_terms)
+    except ValueError as exc:
+        raise ValueError(f"gateway {gateway!r}, round {round_}: {exc}") from None
+
+
 def share_vector(
     gateway: str,
     round_: int,
@@ -133,15 +148,7 @@ def share_vector(
     max_terms: int = DEFAULT_MAX_TERMS,
 ) -> list[SharedPartial]:
     """Encode a gateway's weighted sum and split it: one SharedPartial per party."""
-    v = np.asarray(values)
-    if v.ndim != 1:
-        raise ValueError(f"gateway {gateway!r}: expected a flat vector, got shape {v.shape}")
-    if not np.isfinite(total_weight) or total_weight < 0:
-        raise ValueError(f"gateway {gateway!r}: invalid total weight {total_weight!r}")
-    try:
-        fixed = encode_fixed(v, FRAC_BITS, max_terms)
-    except ValueError as exc:
-        raise ValueError(f"gateway {gateway!r}, round {round_}: {exc}") from None
+    fixed = _encode_sum(gateway, round_, values, total_weight, max_terms)
     return [
         SharedPartial(gateway, round_, p, s, float(total_weight), int(count))
         for p, s in enumerate(split_shares(fixed, parties, seed))
@@ -205,17 +212,9 @@ def share_vector_compact(
     max_terms: int = DEFAULT_MAX_TERMS,
 ) -> list[SeedShare | SharedPartial]:
     """Like :func:`share_vector`, but parties 0..K-2 get a fresh seed each instead of a vector."""
-    v = np.asarray(values)
-    if v.ndim != 1:
-        raise ValueError(f"gateway {gateway!r}: expected a flat vector, got shape {v.shape}")
-    if not np.isfinite(total_weight) or total_weight < 0:
-        raise ValueError(f"gateway {gateway!r}: invalid total weight {total_weight!r}")
     if parties < 2:
         raise ValueError(f"need at least 2 shares, got k={parties}")
-    try:
-        last = encode_fixed(v, FRAC_BITS, max_terms)
-    except ValueError as exc:
-        raise ValueError(f"gateway {gateway!r}, round {round_}: {exc}") from None
+    last = _encode_sum(gateway, round_, values, total_weight, max_terms)
     out: list[SeedShare | SharedPartial] = []
     for p in range(parties - 1):
         seed = new_seed()
