@@ -15,7 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from cloud.downlink import DownlinkConfig
 from devices.codecs import Encoded, max_encoded_size
+from devices.delta_chain import FRAME_BYTES
+from devices.held_model import HeldModels, RoundDownlink
 from gateway.partial_aggregate import PartialAggregate
 from hierarchy.backend import Handle, gather
 from hierarchy.timeline import (
@@ -29,7 +32,7 @@ from hierarchy.topology import DeviceNode, GatewayNode
 from hierarchy.uplink import ENVELOPE_OVERHEAD_BYTES, UplinkConfig, choose_codec, step_cap
 
 # Bytes a model download adds around the float32 parameters (version hash, length, ETag).
-MODEL_HEADER_BYTES = 96
+MODEL_HEADER_BYTES = FRAME_BYTES
 # Codecs whose payload size depends only on the vector's length (not on its values).
 DENSE_CODECS = frozenset({"f32", "f16", "int8", "int4"})
 
@@ -124,11 +127,12 @@ class CohortHost(Placed):
         self._flops = flops_per_sample(model, ds.input_shape)
         self._trainer = CohortTrainer(model)
         self._feedback: dict[str, Any] = {}  # device id -> ErrorFeedback (its residual)
+        self._models = HeldModels()  # the version each hosted device holds
 
     def train_round(
         self,
         round_: int,
-        params: np.ndarray,
+        downlink: RoundDownlink,
         cfg: Any,
         selected: Sequence[int],
         gateway_start: Mapping[str, float],
@@ -139,30 +143,32 @@ class CohortHost(Placed):
     ) -> dict[str, np.ndarray]:
         """Train the selected devices (global indices), submit updates, return per-device stats.
 
-        Each device compresses its update with its codec (adding its error-feedback
-        residual first), and the exact signed-envelope size is what its uplink is
-        charged for. With ``adaptive_work`` and a deadline, slow devices train only
-        as many steps as let them make the deadline.
+        Each device first downloads what ``downlink`` has for the version it holds
+        (the delta chain from it, or the full model), rebuilds the model from those
+        bytes and verifies its hash; its download is charged their exact size. Each
+        then compresses its update with its codec (adding its error-feedback residual
+        first), and the exact signed-envelope size is what its uplink is charged
+        for. With ``adaptive_work`` and a deadline, slow devices train only as many
+        steps as let them make the deadline.
         """
-        from cloud.model_store import model_hash
-
         uplink = uplink or UplinkConfig()
         mine = [i for i in selected if i in self._pos]
         if not mine:
             return _empty_stats()
         pos = [self._pos[i] for i in mine]
         seeds = [device_seed(seed, round_, i) for i in mine]
+        got = self._models.receive(mine, downlink)
+        params = got.params
         num_params = int(params.shape[0])
-        m_bytes = model_nbytes(num_params)
         codecs = [choose_codec(self._nodes[p], num_params, uplink) for p in pos]
         caps: list[int | None] | None = None
         if adaptive_work and deadline_s is not None:
             caps = []
-            for p, (codec, cparams) in zip(pos, codecs, strict=True):
+            for p, (codec, cparams), down in zip(pos, codecs, got.nbytes, strict=True):
                 node = self._nodes[p]
                 up = max_encoded_size(codec, num_params, **cparams) + ENVELOPE_OVERHEAD_BYTES
                 comm = 2 * node.link.latency_ms / 1e3 + 8 * (
-                    m_bytes / (node.link.down_mbps * 1e6) + up / (node.link.up_mbps * 1e6)
+                    int(down) / (node.link.down_mbps * 1e6) + up / (node.link.up_mbps * 1e6)
                 )
                 caps.append(
                     step_cap(
@@ -187,10 +193,12 @@ class CohortHost(Placed):
             "start_s": np.zeros(n),
             "arrival_s": np.zeros(n),
             "update_bytes": np.zeros(n, dtype=np.int64),
-            "model_bytes": np.zeros(n, dtype=np.int64),
+            "model_bytes": got.nbytes.copy(),
+            "download_full": got.full.astype(np.int64),
+            "download_steps": got.steps.copy(),
             "retransmitted": np.zeros(n, dtype=np.int64),
         }
-        base = model_hash(params)
+        base = downlink.hash
         by_gateway: dict[str, list[int]] = {}
         updates: list[Encoded] = []
         for k, (i, p) in enumerate(zip(mine, pos, strict=True)):
@@ -212,7 +220,7 @@ class CohortHost(Placed):
                 seed=seed,
                 round_=round_,
                 start_s=gateway_start[node.gateway],
-                model_bytes=m_bytes,
+                model_bytes=int(got.nbytes[k]),
                 update_bytes=u_bytes,
                 work_flops=training_flops(self._flops, processed),
             )
@@ -222,7 +230,6 @@ class CohortHost(Placed):
             stats["start_s"][k] = t.start_s
             stats["arrival_s"][k] = t.arrival_s
             stats["update_bytes"][k] = u_bytes
-            stats["model_bytes"][k] = m_bytes
             stats["retransmitted"][k] = t.retransmitted_packets
             by_gateway.setdefault(node.gateway, []).append(k)
         futures = []
@@ -315,6 +322,8 @@ class CohortHost(Placed):
             "arrival_s": np.zeros(n),
             "update_bytes": np.zeros(n, dtype=np.int64),
             "model_bytes": np.full(n, m_bytes, dtype=np.int64),
+            "download_full": np.ones(n, dtype=np.int64),
+            "download_steps": np.zeros(n, dtype=np.int64),
             "retransmitted": np.zeros(n, dtype=np.int64),
         }
         base = model_hash(params)
@@ -451,7 +460,16 @@ def envelope_bytes(
 
 
 def _empty_stats() -> dict[str, np.ndarray]:
-    keys_i = ("device", "samples", "steps", "update_bytes", "model_bytes", "retransmitted")
+    keys_i = (
+        "device",
+        "samples",
+        "steps",
+        "update_bytes",
+        "model_bytes",
+        "download_full",
+        "download_steps",
+        "retransmitted",
+    )
     keys_f = ("loss", "download_s", "compute_s", "upload_s", "start_s", "arrival_s")
     out: dict[str, np.ndarray] = {k: np.zeros(0, dtype=np.int64) for k in keys_i}
     out.update({k: np.zeros(0, dtype=np.float64) for k in keys_f})
@@ -667,6 +685,7 @@ class CoordinatorHost(Placed):
         momentum: float,
         seed: int,
         threads: int = 1,
+        downlink: DownlinkConfig | None = None,
     ) -> None:
         import torch
 
@@ -680,7 +699,9 @@ class CoordinatorHost(Placed):
         self._model = build_model(model_name, ds.input_shape, ds.num_classes)
         initial = init_params(model_name, ds.input_shape, ds.num_classes, seed)
         self._coord = Coordinator(
-            initial, make_strategy(strategy, server_lr=server_lr, momentum=momentum)
+            initial,
+            make_strategy(strategy, server_lr=server_lr, momentum=momentum),
+            downlink=downlink,
         )
 
     def info(self) -> dict[str, Any]:
@@ -688,6 +709,10 @@ class CoordinatorHost(Placed):
 
     def params(self) -> np.ndarray:
         return self._coord.params
+
+    def downloads(self, bases: Sequence[str | None]) -> RoundDownlink:
+        """The current version for holders of ``bases``: chains or the full model."""
+        return self._coord.downloads(bases)
 
     def apply(self, round_: int, partials: Sequence[PartialAggregate]) -> dict[str, Any]:
         applied = self._coord.apply(round_, partials)

@@ -13,20 +13,21 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cloud.downlink import DownlinkConfig
+from devices.held_model import RoundDownlink
 from gateway.partial_aggregate import PartialAggregate
 from hierarchy.actors import (
     CohortHost,
     CoordinatorHost,
     DatasetSpec,
     GatewayHost,
-    model_nbytes,
 )
 from hierarchy.backend import Backend, LocalBackend, RayBackend, gather, put
 from hierarchy.placement import plan_placement
@@ -81,6 +82,7 @@ class EmulationConfig:
     adaptive_work: bool = False
     mode: str = "sync"  # "async": FedBuff-style buffered rounds (hierarchy.async_emulate)
     buffer_size: int | None = None  # async: updates per gateway flush (default: half its devices)
+    downlink: DownlinkConfig = field(default_factory=DownlinkConfig)
 
     def validate(self) -> None:
         """Name the first bad field; the CLI turns this into exit code 2."""
@@ -128,6 +130,11 @@ class EmulationConfig:
             raise ValueError(f"buffer-size must be >= 1, got {self.buffer_size}")
         if self.mode == "sync" and self.buffer_size is not None:
             raise ValueError("buffer-size applies to --mode async only")
+        self.downlink.validate()
+        if self.mode == "async" and self.downlink.mode != "full":
+            raise ValueError(
+                "--downlink delta is not supported with --mode async yet; use --downlink full"
+            )
         if self.mode == "async":
             for flag, used in (
                 ("deadline-s", self.deadline_s is not None),
@@ -165,6 +172,48 @@ def _merge_stats(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: v[order] for k, v in merged.items()}
 
 
+def downlink_record(
+    stats: dict[str, np.ndarray], gw_download: dict[str, Any], gateways: int
+) -> dict[str, Any]:
+    """Per-tier download detail of one round: what each gateway and device received."""
+    down = stats["model_bytes"]
+    full = stats["download_full"].astype(bool)
+    n = int(down.size)
+    return {
+        "cloud_to_gateway": {
+            "bytes_each": int(gw_download["bytes"]),
+            "gateways": gateways,
+            "kind": "full" if gw_download["full"] else "delta",
+        },
+        "gateway_to_device": {
+            "bytes_mean": float(down.mean()) if n else 0.0,
+            "bytes_max": int(down.max()) if n else 0,
+            "full": int(full.sum()),
+            "delta": int(n - full.sum()),
+            "chain_steps_max": int(stats["download_steps"].max()) if n else 0,
+        },
+    }
+
+
+def downlink_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Downloads over the whole run: bytes per device download, full vs delta counts."""
+    dev = [r["downlink"]["gateway_to_device"] for r in rounds]
+    count = sum(d["full"] + d["delta"] for d in dev)
+    return {
+        "device_bytes_mean": float(sum(r["bytes"]["device_down"] for r in rounds) / count)
+        if count
+        else 0.0,
+        "device_bytes_max": max((d["bytes_max"] for d in dev), default=0),
+        "device_full": sum(d["full"] for d in dev),
+        "device_delta": sum(d["delta"] for d in dev),
+        "gateway_bytes_mean": float(
+            np.mean([r["downlink"]["cloud_to_gateway"]["bytes_each"] for r in rounds])
+        )
+        if rounds
+        else 0.0,
+    }
+
+
 def _make_backend(cfg: EmulationConfig) -> Backend:
     if cfg.backend == "local":
         return LocalBackend()
@@ -185,6 +234,9 @@ class Emulation:
         self._availability = np.array([d.availability for d in nodes])
         self._power = np.array([d.power_w for d in nodes])
         self.battery = np.array([d.battery_mwh for d in nodes], dtype=np.float64)
+        # The model version (hash) each device and the gateways last downloaded: None = nothing.
+        self._held: list[str | None] = [None] * len(nodes)
+        self._gateway_held: str | None = None
         gw_pos = {g: i for i, g in enumerate(self.topo.gateways)}
         self._gateway_of = np.array([gw_pos[d.gateway] for d in nodes], dtype=np.int64)
         sizes = [d.samples for d in self.topo.devices.values()]
@@ -225,6 +277,7 @@ class Emulation:
             cfg.server_lr,
             cfg.server_momentum,
             cfg.seed,
+            downlink=cfg.downlink,
         )
         info = gather([self.coordinator.call("info")])[0]
         self.num_params = int(info["num_params"])
@@ -312,19 +365,31 @@ class Emulation:
             "battery_skipped": int(avail.size - eligible.size),
         }
 
+    def plan_downlink(self, devices: Sequence[int]) -> RoundDownlink:
+        """Ask the cloud for the current version's downloads for these devices and the gateways.
+
+        The versions come from what the devices (and gateways) last downloaded;
+        the trainers hosting the devices check them again against what each
+        device really holds, so a disagreement fails the round.
+        """
+        bases = {self._held[i] for i in devices} | {self._gateway_held}
+        return gather([self.coordinator.call("downloads", sorted(bases, key=str))])[0]
+
     def run_round(self, round_: int) -> dict[str, Any]:
         from devices.training import LocalTrainingConfig
 
         cfg, topo = self.cfg, self.topo
         wall0 = time.perf_counter()
-        params_ref = put(gather([self.coordinator.call("params")])[0])
-        m_bytes = model_nbytes(self.num_params)
-        starts = {
-            g: gateway_model_arrival(node, i, seed=cfg.seed, round_=round_, model_bytes=m_bytes)
-            for i, (g, node) in enumerate(topo.gateways.items())
-        }
         sel = self.select(round_)
         selected = sel["reachable"]
+        downlink = self.plan_downlink(selected)
+        downlink_ref = put(downlink)
+        # Every gateway holds the version the previous round pushed (sync: all get each push).
+        gw_bytes = downlink.nbytes_for(self._gateway_held)
+        starts = {
+            g: gateway_model_arrival(node, i, seed=cfg.seed, round_=round_, model_bytes=gw_bytes)
+            for i, (g, node) in enumerate(topo.gateways.items())
+        }
         local = LocalTrainingConfig(**asdict(cfg.local))
         stats = _merge_stats(
             gather(
@@ -332,7 +397,7 @@ class Emulation:
                     t.call(
                         "train_round",
                         round_,
-                        params_ref,
+                        downlink_ref,
                         local,
                         selected,
                         starts,
@@ -345,6 +410,10 @@ class Emulation:
                 ]
             )
         )
+        for d in stats["device"]:
+            self._held[int(d)] = downlink.hash
+        gw_full = self._gateway_held not in downlink.chains
+        self._gateway_held = downlink.hash
         wall_train = time.perf_counter() - wall0
         # Quorum counts are per gateway, of the devices it was told to expect (sampled),
         # including those that will never report.
@@ -389,7 +458,16 @@ class Emulation:
             evaluation = gather([self.coordinator.call("evaluate")])[0]
         wall = time.perf_counter() - wall0
         return self._record(
-            round_, stats, closes, starts, applied, evaluation, sel, wall, wall_train, m_bytes
+            round_,
+            stats,
+            closes,
+            starts,
+            applied,
+            evaluation,
+            sel,
+            wall,
+            wall_train,
+            {"bytes": gw_bytes, "full": gw_full},
         )
 
     def _record(
@@ -403,7 +481,7 @@ class Emulation:
         sel: dict[str, Any],
         wall: float,
         wall_train: float,
-        m_bytes: int,
+        gw_download: dict[str, Any],
     ) -> dict[str, Any]:
         arrivals = stats["arrival_s"]
         ends = {c["partial"].gateway: c["close_s"] + c["uplink_s"] for c in closes}
@@ -479,10 +557,11 @@ class Emulation:
                 "device_up": int(stats["update_bytes"].sum()),
                 "device_down": int(stats["model_bytes"].sum()),
                 "gateway_up": int(sum(c["uplink_bytes"] for c in closes)),
-                "gateway_down": m_bytes * len(self.topo.gateways),
+                "gateway_down": int(gw_download["bytes"]) * len(self.topo.gateways),
                 "update_bytes_mean": float(stats["update_bytes"].mean()) if n else 0.0,
                 "update_bytes_max": int(stats["update_bytes"].max()) if n else 0,
             },
+            "downlink": downlink_record(stats, gw_download, len(self.topo.gateways)),
             "retransmitted_packets": int(stats["retransmitted"].sum()),
             "energy_mwh": {
                 "total": float(energy.sum()),
@@ -630,6 +709,7 @@ def build_report(
             "total_bytes_down": int(
                 sum(r["bytes"]["device_down"] + r["bytes"]["gateway_down"] for r in rounds)
             ),
+            "downlink": downlink_summary(rounds),
             "stragglers": int(sum(r["stragglers"] for r in rounds)),
             "wall_setup_s": emu.setup_wall_s,
             "wall_total_s": total_wall,
