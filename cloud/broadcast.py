@@ -32,7 +32,9 @@ __all__ = ["BroadcastCompressor", "step_params"]
 def step_params(codec: str, n: int, *, topk_ratio: float, chunk: int) -> dict[str, Any]:
     """Codec options for a broadcast step of ``n`` parameters."""
     if codec not in DELTA_CODECS:
-        raise ValueError(f"unknown downlink codec {codec!r}; choose one of {', '.join(DELTA_CODECS)}")
+        raise ValueError(
+            f"unknown downlink codec {codec!r}; choose one of {', '.join(DELTA_CODECS)}"
+        )
     out: dict[str, Any] = {}
     if codec.startswith("topk-"):
         out["k"] = min(n, max(1, math.ceil(topk_ratio * n))) if n else 0

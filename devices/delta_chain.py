@@ -138,7 +138,9 @@ class DeltaChain:
             raise DownlinkError("bad-payload", f"chain is not valid CBOR: {e}") from None
         if not isinstance(doc, dict) or set(doc) != _KEYS:
             got = sorted(map(str, doc)) if isinstance(doc, dict) else type(doc).__name__
-            raise DownlinkError("bad-payload", f"chain must be a map with {sorted(_KEYS)}, got {got}")
+            raise DownlinkError(
+                "bad-payload", f"chain must be a map with {sorted(_KEYS)}, got {got}"
+            )
         if doc["v"] != CHAIN_WIRE_VERSION or doc["kind"] != "chain":
             raise DownlinkError(
                 "bad-payload", f"unsupported chain v={doc['v']!r} kind={doc['kind']!r}"

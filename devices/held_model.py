@@ -120,7 +120,7 @@ class HeldModels:
                 f"version {downlink.version} does not cover",
             ) from None
         if isinstance(dl, Downlink):
-            out, chain_len = reconstruct(dl, None), None
+            out, announced, chain_len = reconstruct(dl, None), dl.hash, None
         else:
             chain = DeltaChain.from_bytes(
                 dl, max_elements=downlink.size, max_steps=downlink.max_steps
@@ -130,9 +130,8 @@ class HeldModels:
                 raise DownlinkError(
                     "wrong-base", f"device {device}: model {str(base)[:12]}... is not held"
                 )
-            out, chain_len = reconstruct(chain, held[1]), len(chain.steps)
+            out, announced, chain_len = reconstruct(chain, held[1]), chain.hash, len(chain.steps)
         # reconstruct verified the download's own hash; it must also be this round's version.
-        announced = dl.hash if isinstance(dl, Downlink) else chain.hash
         if announced != downlink.hash or out.size != downlink.size:
             raise DownlinkError(
                 "hash-mismatch",

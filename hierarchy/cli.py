@@ -204,6 +204,38 @@ def _add_emulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         action="store_true",
         help="slow devices train fewer local steps so they meet --deadline-s",
     )
+    from devices.delta_chain import DELTA_CODECS
+
+    dl = p.add_argument_group("model downlink")
+    dl.add_argument(
+        "--downlink",
+        choices=("full", "delta"),
+        default=None,
+        help="full: every download is the whole float32 model; delta: the cloud compresses "
+        "each global step (--downlink-codec, with server-side error feedback) and a device "
+        "holding a recent version gets the chain of steps from it, hash-verified (the full "
+        "model when its version is unknown, too old, or the chain is bigger). "
+        "Default: delta; full with --mode async, which supports only full",
+    )
+    dl.add_argument(
+        "--downlink-codec",
+        choices=DELTA_CODECS,
+        default=None,
+        help="delta: encoding of the broadcast step (default int8)",
+    )
+    dl.add_argument(
+        "--downlink-topk-ratio",
+        type=_number(float, minimum=0, strict=True),
+        default=None,
+        help="delta with a top-k codec: share of the parameters a step changes (default 0.1)",
+    )
+    dl.add_argument(
+        "--downlink-history",
+        type=_number(int, minimum=1),
+        default=None,
+        help="delta: how many versions back a chain may start (older holders get the full "
+        "model; default 8)",
+    )
     am = p.add_argument_group("asynchronous rounds")
     am.add_argument(
         "--mode",
@@ -225,6 +257,7 @@ def _add_emulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 
 def _run_emulate(args: argparse.Namespace) -> int:
+    from cloud.downlink import DownlinkConfig
     from hierarchy.emulate import EmulationConfig, LocalConfig, run_emulation
     from hierarchy.topology import TopologyError, load_topology
     from hierarchy.uplink import UplinkConfig
@@ -232,6 +265,25 @@ def _run_emulate(args: argparse.Namespace) -> int:
     if args.server_momentum >= 1:
         print("error: --server-momentum must be < 1", file=sys.stderr)
         return 2
+    delta_flags = {
+        "--downlink-codec": args.downlink_codec,
+        "--downlink-topk-ratio": args.downlink_topk_ratio,
+        "--downlink-history": args.downlink_history,
+    }
+    mode = args.downlink or ("full" if args.mode == "async" else "delta")
+    given = [flag for flag, v in delta_flags.items() if v is not None]
+    if mode == "full" and given:
+        print(f"error: {given[0]} applies to --downlink delta only", file=sys.stderr)
+        return 2
+    defaults = DownlinkConfig()
+    downlink = None
+    if args.downlink is not None or given:
+        downlink = DownlinkConfig(
+            mode=mode,
+            codec=args.downlink_codec or defaults.codec,
+            topk_ratio=args.downlink_topk_ratio or defaults.topk_ratio,
+            history=args.downlink_history or defaults.history,
+        )
     try:
         topo = load_topology(args.topology)
     except TopologyError as e:
@@ -271,6 +323,7 @@ def _run_emulate(args: argparse.Namespace) -> int:
         adaptive_work=args.adaptive_work,
         mode=args.mode,
         buffer_size=args.buffer_size,
+        downlink=downlink,
     )
     try:
         cfg.validate()

@@ -82,7 +82,15 @@ class EmulationConfig:
     adaptive_work: bool = False
     mode: str = "sync"  # "async": FedBuff-style buffered rounds (hierarchy.async_emulate)
     buffer_size: int | None = None  # async: updates per gateway flush (default: half its devices)
-    downlink: DownlinkConfig = field(default_factory=DownlinkConfig)
+    # None: the mode's default (delta chains in sync mode; async supports full only).
+    downlink: DownlinkConfig | None = None
+
+    @property
+    def effective_downlink(self) -> DownlinkConfig:
+        """The downlink this run uses (``downlink``, or the mode's default)."""
+        if self.downlink is not None:
+            return self.downlink
+        return DownlinkConfig(mode="full" if self.mode == "async" else "delta")
 
     def validate(self) -> None:
         """Name the first bad field; the CLI turns this into exit code 2."""
@@ -130,8 +138,8 @@ class EmulationConfig:
             raise ValueError(f"buffer-size must be >= 1, got {self.buffer_size}")
         if self.mode == "sync" and self.buffer_size is not None:
             raise ValueError("buffer-size applies to --mode async only")
-        self.downlink.validate()
-        if self.mode == "async" and self.downlink.mode != "full":
+        self.effective_downlink.validate()
+        if self.mode == "async" and self.effective_downlink.mode != "full":
             raise ValueError(
                 "--downlink delta is not supported with --mode async yet; use --downlink full"
             )
@@ -277,7 +285,7 @@ class Emulation:
             cfg.server_lr,
             cfg.server_momentum,
             cfg.seed,
-            downlink=cfg.downlink,
+            downlink=cfg.effective_downlink,
         )
         info = gather([self.coordinator.call("info")])[0]
         self.num_params = int(info["num_params"])
@@ -681,6 +689,7 @@ def build_report(
         "tierfl": "0.1.0",
         "config": {
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+            "downlink": asdict(cfg.effective_downlink),
             "model": emu.model_name,
         },
         "topology": {
