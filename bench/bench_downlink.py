@@ -3,9 +3,9 @@
 Same topology, data, seed and training for every variant; only the downlink
 differs: ``full`` (every device downloads the whole model every round, the
 baseline measured in this same run) and ``delta`` with the broadcast step
-encoded as int8 (per-chunk scales) or top-k + int8, each with the cloud's
-error feedback. Prints final accuracy and its difference, download bytes per
-device per round (mean and max), bytes per cloud→gateway push, how many
+encoded as int8 or int4 (per-chunk scales) or top-k 10 % + int8, each with
+the cloud's error feedback. Prints final accuracy and its difference, download
+bytes per device per round (mean and max), bytes per cloud→gateway push, how many
 downloads were chains vs the full model, emulated round latency p50/p95 and
 the mean device download time, with ratios against ``full``. Targets:
 accuracy within 0.5-1 point of ``full``, fewer download bytes, no slower rounds.
@@ -33,6 +33,7 @@ from hierarchy.emulate import EmulationConfig, LocalConfig, run_emulation  # noq
 VARIANTS = {
     "full": DownlinkConfig(mode="full"),
     "delta-int8": DownlinkConfig(mode="delta", codec="int8"),
+    "delta-int4": DownlinkConfig(mode="delta", codec="int4"),
     "delta-topk-int8": DownlinkConfig(mode="delta", codec="topk-int8", topk_ratio=0.1),
 }
 

@@ -340,6 +340,12 @@ def _run_emulate(args: argparse.Namespace) -> int:
         f" / p95 {s['round_latency_p95_s']:.2f} s "
         f"(emulated), wall {s['wall_total_s']:.1f} s"
     )
+    dl = s["downlink"]
+    print(
+        f"downlink {report['config']['downlink']['mode']}: "
+        f"{dl['device_bytes_mean'] / 1e3:.1f} KB per device download "
+        f"({dl['device_delta']} delta chains, {dl['device_full']} full models)"
+    )
     print(f"report: {args.out / 'report.json'}")
     return 0
 
