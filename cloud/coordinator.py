@@ -33,7 +33,8 @@ class Coordinator:
 
     With a ``delta`` downlink the server optimizer's output is not published
     as is: its step is compressed (with error feedback) and the published
-    version is exactly what devices rebuild from the compressed bytes.
+    version is exactly what devices rebuild from the compressed bytes. Without
+    a ``downlink`` it publishes as is and serves only full models (``full``).
     """
 
     def __init__(
