@@ -210,31 +210,31 @@ def _add_emulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     dl.add_argument(
         "--downlink",
         choices=("full", "delta"),
-        default=None,
+        default=argparse.SUPPRESS,  # the real default depends on --mode
         help="full: every download is the whole float32 model; delta: the cloud compresses "
         "each global step (--downlink-codec, with server-side error feedback) and a device "
         "holding a recent version gets the chain of steps from it, hash-verified (the full "
-        "model when its version is unknown, too old, or the chain is bigger). "
-        "Default: delta; full with --mode async, which supports only full",
+        "model when its version is unknown, too old, or the chain is bigger) "
+        "(default: delta; full with --mode async, which supports only full)",
     )
     dl.add_argument(
         "--downlink-codec",
         choices=DELTA_CODECS,
-        default=None,
-        help="delta: encoding of the broadcast step (default int8)",
+        default=argparse.SUPPRESS,  # the real default depends on --mode
+        help="delta: encoding of the broadcast step (default: int8)",
     )
     dl.add_argument(
         "--downlink-topk-ratio",
         type=_number(float, minimum=0, strict=True),
-        default=None,
-        help="delta with a top-k codec: share of the parameters a step changes (default 0.1)",
+        default=argparse.SUPPRESS,  # the real default depends on --mode
+        help="delta with a top-k codec: share of the parameters a step changes (default: 0.1)",
     )
     dl.add_argument(
         "--downlink-history",
         type=_number(int, minimum=1),
-        default=None,
+        default=argparse.SUPPRESS,  # the real default depends on --mode
         help="delta: how many versions back a chain may start (older holders get the full "
-        "model; default 8)",
+        "model; default: 8)",
     )
     am = p.add_argument_group("asynchronous rounds")
     am.add_argument(
@@ -334,24 +334,26 @@ def _run_emulate(args: argparse.Namespace) -> int:
     if args.server_momentum >= 1:
         print("error: --server-momentum must be < 1", file=sys.stderr)
         return 2
+    # Unset --downlink* flags are absent from args (SUPPRESS): their defaults depend on --mode.
     delta_flags = {
-        "--downlink-codec": args.downlink_codec,
-        "--downlink-topk-ratio": args.downlink_topk_ratio,
-        "--downlink-history": args.downlink_history,
+        "--downlink-codec": getattr(args, "downlink_codec", None),
+        "--downlink-topk-ratio": getattr(args, "downlink_topk_ratio", None),
+        "--downlink-history": getattr(args, "downlink_history", None),
     }
-    mode = args.downlink or ("full" if args.mode == "async" else "delta")
+    chosen = getattr(args, "downlink", None)
+    mode = chosen or ("full" if args.mode == "async" else "delta")
     given = [flag for flag, v in delta_flags.items() if v is not None]
     if mode == "full" and given:
         print(f"error: {given[0]} applies to --downlink delta only", file=sys.stderr)
         return 2
     defaults = DownlinkConfig()
     downlink = None
-    if args.downlink is not None or given:
+    if chosen is not None or given:
         downlink = DownlinkConfig(
             mode=mode,
-            codec=args.downlink_codec or defaults.codec,
-            topk_ratio=args.downlink_topk_ratio or defaults.topk_ratio,
-            history=args.downlink_history or defaults.history,
+            codec=delta_flags["--downlink-codec"] or defaults.codec,
+            topk_ratio=delta_flags["--downlink-topk-ratio"] or defaults.topk_ratio,
+            history=delta_flags["--downlink-history"] or defaults.history,
         )
     try:
         topo = load_topology(args.topology)
