@@ -9,9 +9,10 @@ split from its ``DatasetSpec`` and keeps only what it needs.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +28,9 @@ from hierarchy.timeline import (
 )
 from hierarchy.topology import DeviceNode, GatewayNode
 from hierarchy.uplink import ENVELOPE_OVERHEAD_BYTES, UplinkConfig, choose_codec, step_cap
+
+if TYPE_CHECKING:
+    from hierarchy.transport import DeviceTransport, GatewayTransport
 
 # Bytes a model download adds around the float32 parameters (version hash, length, ETag).
 MODEL_HEADER_BYTES = 96
@@ -107,6 +111,7 @@ class CohortHost(Placed):
         devices: Sequence[DeviceNode],
         gateways: Mapping[str, Handle],
         threads: int = 1,
+        transport: DeviceTransport | None = None,
     ) -> None:
         import torch
 
@@ -124,6 +129,12 @@ class CohortHost(Placed):
         self._flops = flops_per_sample(model, ds.input_shape)
         self._trainer = CohortTrainer(model)
         self._feedback: dict[str, Any] = {}  # device id -> ErrorFeedback (its residual)
+        # Socket transports: the devices' keys and real clients (None: direct hand-over).
+        self._links: Any = None
+        if transport is not None and transport.kind != "direct":
+            from hierarchy.transport_devices import DeviceUplinks
+
+            self._links = DeviceUplinks(transport, [n.id for n in self._nodes])
 
     def train_round(
         self,
@@ -136,20 +147,26 @@ class CohortHost(Placed):
         uplink: UplinkConfig | None = None,
         deadline_s: float | None = None,
         adaptive_work: bool = False,
+        clock_s: float = 0.0,
     ) -> dict[str, np.ndarray]:
         """Train the selected devices (global indices), submit updates, return per-device stats.
 
         Each device compresses its update with its codec (adding its error-feedback
         residual first), and the exact signed-envelope size is what its uplink is
         charged for. With ``adaptive_work`` and a deadline, slow devices train only
-        as many steps as let them make the deadline.
+        as many steps as let them make the deadline. ``clock_s`` is the emulated
+        time at which the round started: envelopes are stamped with it plus their
+        gateway's model arrival. With a socket transport each device's envelope is
+        really signed and sent (``_send``). Besides the per-device arrays, the
+        result has ``transport_wall_s``: one entry, the wall seconds the hand-over
+        to the gateways took.
         """
         from cloud.model_store import model_hash
 
         uplink = uplink or UplinkConfig()
         mine = [i for i in selected if i in self._pos]
         if not mine:
-            return _empty_stats()
+            return {**_empty_stats(), "transport_wall_s": np.zeros(1)}
         pos = [self._pos[i] for i in mine]
         seeds = [device_seed(seed, round_, i) for i in mine]
         num_params = int(params.shape[0])
@@ -189,10 +206,13 @@ class CohortHost(Placed):
             "update_bytes": np.zeros(n, dtype=np.int64),
             "model_bytes": np.zeros(n, dtype=np.int64),
             "retransmitted": np.zeros(n, dtype=np.int64),
+            "transport_rtt_s": np.zeros(n),
+            "transport_failed": np.zeros(n, dtype=np.int64),
         }
         base = model_hash(params)
         by_gateway: dict[str, list[int]] = {}
         updates: list[Encoded] = []
+        sealed: list[bytes] = []
         for k, (i, p) in enumerate(zip(mine, pos, strict=True)):
             node = self._nodes[p]
             codec, cparams = codecs[k]
@@ -200,9 +220,18 @@ class CohortHost(Placed):
             rng = np.random.default_rng([seed, round_, i, 11]) if codec not in DENSE else None
             enc = self._compress(node.id, res.deltas[k], codec, cparams, rng, uplink)
             updates.append(enc)
-            u_bytes = envelope_bytes(
-                node.id, round_, base, int(res.num_samples[k]), enc, gateway_start[node.gateway]
-            )
+            stamp = clock_s + gateway_start[node.gateway]
+            samples = int(res.num_samples[k])
+            u_bytes = envelope_bytes(node.id, round_, base, samples, enc, stamp)
+            if self._links is not None:
+                sealed.append(
+                    self._links.seal(node.id, round_, base, samples, enc, VIRTUAL_EPOCH + stamp)
+                )
+                if len(sealed[-1]) != u_bytes:  # the size the virtual clock charged is exact
+                    raise RuntimeError(
+                        f"{node.id}: sealed envelope has {len(sealed[-1])} bytes, "
+                        f"envelope_bytes() said {u_bytes}"
+                    )
             processed = samples_processed(
                 int(res.num_samples[k]), int(res.steps[k]), cfg.batch_size
             )
@@ -225,21 +254,64 @@ class CohortHost(Placed):
             stats["model_bytes"][k] = m_bytes
             stats["retransmitted"][k] = t.retransmitted_packets
             by_gateway.setdefault(node.gateway, []).append(k)
-        futures = []
-        for g, ks in by_gateway.items():
-            futures.append(
-                self._gateways[g].call(
-                    "submit",
-                    round_,
-                    g,
-                    [self._nodes[pos[k]].id for k in ks],
-                    [updates[k] for k in ks],
-                    res.num_samples[ks].astype(np.float64),
-                    stats["arrival_s"][ks],
+        t0 = time.perf_counter()
+        if self._links is not None:
+            self._send(round_, [self._nodes[p] for p in pos], sealed, by_gateway, stats)
+        else:
+            futures = []
+            for g, ks in by_gateway.items():
+                futures.append(
+                    self._gateways[g].call(
+                        "submit",
+                        round_,
+                        g,
+                        [self._nodes[pos[k]].id for k in ks],
+                        [updates[k] for k in ks],
+                        res.num_samples[ks].astype(np.float64),
+                        stats["arrival_s"][ks],
+                    )
                 )
-            )
-        gather(futures)
+            gather(futures)
+        stats["transport_wall_s"] = np.array([time.perf_counter() - t0])
         return stats
+
+    def _send(
+        self,
+        round_: int,
+        nodes: Sequence[DeviceNode],
+        sealed: Sequence[bytes],
+        by_gateway: Mapping[str, list[int]],
+        stats: dict[str, np.ndarray],
+    ) -> None:
+        """Upload every sealed envelope over the socket transport, then tell each gateway host
+        when (on the virtual clock) its devices' updates arrived.
+
+        The gateway host buffers only what its intake accepted; the arrival times
+        travel out of band because the virtual clock, not the socket, says when an
+        update reached its gateway. Devices that heard no answer are counted in
+        ``transport_failed`` (the gateway may still have accepted them).
+        """
+        from hierarchy.transport_devices import Upload
+
+        results = self._links.send(
+            [Upload(n.gateway, n.id, env) for n, env in zip(nodes, sealed, strict=True)]
+        )
+        stats["transport_rtt_s"] = np.array([r.rtt_s for r in results])
+        stats["transport_failed"] = np.array([r.status == "failed" for r in results], np.int64)
+        gather(
+            [
+                self._gateways[g].call(
+                    "deliver", round_, g, [nodes[k].id for k in ks], stats["arrival_s"][ks]
+                )
+                for g, ks in by_gateway.items()
+            ]
+        )
+
+    def stop_transport(self) -> None:
+        """Close the devices' real clients (socket transports; a no-op for direct)."""
+        if self._links is not None:
+            self._links.close()
+            self._links = None
 
     def cycle_profile(
         self, cfg: Any, uplink: UplinkConfig, num_params: int
@@ -316,6 +388,8 @@ class CohortHost(Placed):
             "update_bytes": np.zeros(n, dtype=np.int64),
             "model_bytes": np.full(n, m_bytes, dtype=np.int64),
             "retransmitted": np.zeros(n, dtype=np.int64),
+            "transport_rtt_s": np.zeros(n),
+            "transport_failed": np.zeros(n, dtype=np.int64),
         }
         base = model_hash(params)
         by_gateway: dict[str, list[int]] = {}
@@ -451,8 +525,24 @@ def envelope_bytes(
 
 
 def _empty_stats() -> dict[str, np.ndarray]:
-    keys_i = ("device", "samples", "steps", "update_bytes", "model_bytes", "retransmitted")
-    keys_f = ("loss", "download_s", "compute_s", "upload_s", "start_s", "arrival_s")
+    keys_i = (
+        "device",
+        "samples",
+        "steps",
+        "update_bytes",
+        "model_bytes",
+        "retransmitted",
+        "transport_failed",
+    )
+    keys_f = (
+        "loss",
+        "download_s",
+        "compute_s",
+        "upload_s",
+        "start_s",
+        "arrival_s",
+        "transport_rtt_s",
+    )
     out: dict[str, np.ndarray] = {k: np.zeros(0, dtype=np.int64) for k in keys_i}
     out.update({k: np.zeros(0, dtype=np.float64) for k in keys_f})
     return out
@@ -490,6 +580,7 @@ class GatewayHost(Placed):
         indices: Mapping[str, int],
         num_params: int,
         seed: int,
+        transport: GatewayTransport | None = None,
     ) -> None:
         self._gateways = {g.id: g for g in gateways}
         self._index = dict(indices)
@@ -499,6 +590,12 @@ class GatewayHost(Placed):
         self._late: dict[str, list[_Late]] = {g: [] for g in self._gateways}
         # Asynchronous mode: updates held until a flush, keyed by (gateway, (device, cycle)).
         self._held: dict[tuple[str, tuple[int, int]], tuple[str, Encoded, float]] = {}
+        # Socket transports: real gateway intakes, one per hosted logical gateway.
+        self._intakes: Any = None
+        if transport is not None and transport.kind != "direct":
+            from hierarchy.transport_gateway import GatewayIntakes
+
+            self._intakes = GatewayIntakes(transport, num_params, VIRTUAL_EPOCH)
 
     def submit(
         self,
@@ -515,6 +612,66 @@ class GatewayHost(Placed):
             _Submission(devices, list(updates), weights, arrivals)
         )
         return len(devices)
+
+    # --- socket transports ------------------------------------------------------------
+
+    def _require_intakes(self) -> Any:
+        if self._intakes is None:
+            raise RuntimeError("this gateway host has no socket transport (it was built direct)")
+        return self._intakes
+
+    def endpoints(self) -> dict[str, str]:
+        """Gateway id -> the URL its devices upload to (empty for the direct transport)."""
+        return self._intakes.endpoints() if self._intakes is not None else {}
+
+    def open_round(self, round_: int, params: np.ndarray, opened_at: Mapping[str, float]) -> str:
+        """Publish the round's model on every hosted gateway's real intake.
+
+        ``opened_at`` is each gateway's virtual Unix time of model arrival (its
+        service's clock for the round). Returns the model's version hash.
+        """
+        return str(self._require_intakes().open_round(round_, params, opened_at))
+
+    def deliver(
+        self, round_: int, gateway: str, devices: list[str], arrivals: np.ndarray
+    ) -> int:
+        """Buffer the updates ``gateway``'s intake accepted from ``devices``, as ``submit`` does.
+
+        ``arrivals`` are the devices' virtual arrival times (out of band: the virtual
+        clock, not the socket, decides on-time vs late). The weight is the sample
+        count the device signed; a device whose update was refused is skipped (its
+        reason is in ``end_round``). Returns how many were buffered.
+        """
+        got = self._require_intakes().take(round_, gateway, devices)
+        keep = [k for k, a in enumerate(got) if a is not None]
+        if not keep:
+            return 0
+        return self.submit(
+            round_,
+            gateway,
+            [devices[k] for k in keep],
+            [Encoded("f32", (self._num_params,), got[k].delta.tobytes(), {}) for k in keep],
+            np.array([float(got[k].samples) for k in keep]),
+            np.asarray(arrivals, dtype=np.float64)[keep],
+        )
+
+    def end_round(self, round_: int) -> dict[str, dict[str, int]]:
+        """Close the round on the real intakes; per gateway, its rejections by reason code."""
+        return dict(self._require_intakes().end_round(round_))
+
+    def enroll(self, gateway: str, device: str, public_key: str) -> None:
+        """Register (or replace) a device's public key (hex or PEM) at a hosted gateway."""
+        self._require_intakes().enroll(gateway, device, public_key)
+
+    def revoke(self, gateway: str, device: str) -> None:
+        """Remove a device's key at a hosted gateway (``unknown-device`` from then on)."""
+        self._require_intakes().revoke(gateway, device)
+
+    def stop_transport(self) -> None:
+        """Stop the real servers/intakes (a no-op for the direct transport)."""
+        if self._intakes is not None:
+            self._intakes.stop()
+            self._intakes = None
 
     def close(
         self,

@@ -29,6 +29,7 @@ def _number(
 
 def _add_emulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from hierarchy.emulate import BACKENDS, DATASETS
+    from hierarchy.transport import TRANSPORTS
 
     p = sub.add_parser(
         "emulate",
@@ -219,6 +220,16 @@ def _add_emulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         default=None,
         help="async: updates a gateway buffers before it flushes (default: half its devices)",
     )
+    p.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="direct",
+        help="how device updates reach their gateways: direct (in-process hand-over, fastest); "
+        "coap / mqtt: every device signs its real encoded update (Ed25519) and uploads it with "
+        "the real device client over loopback to real gateway servers (aiocoap per gateway / "
+        "a mosquitto broker started for the run), which validate it; the virtual clock still "
+        "times the links. Sync mode only",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_emulate)
@@ -271,6 +282,7 @@ def _run_emulate(args: argparse.Namespace) -> int:
         adaptive_work=args.adaptive_work,
         mode=args.mode,
         buffer_size=args.buffer_size,
+        transport=args.transport,
     )
     try:
         cfg.validate()

@@ -22,6 +22,7 @@ import numpy as np
 
 from gateway.partial_aggregate import PartialAggregate
 from hierarchy.actors import (
+    VIRTUAL_EPOCH,
     CohortHost,
     CoordinatorHost,
     DatasetSpec,
@@ -32,6 +33,7 @@ from hierarchy.backend import Backend, LocalBackend, RayBackend, gather, put
 from hierarchy.placement import plan_placement
 from hierarchy.timeline import STREAM_AVAIL, energy_mwh, gateway_model_arrival, quorum_count
 from hierarchy.topology import Topology, load_topology
+from hierarchy.transport import SOCKET_TRANSPORTS, TRANSPORTS, DeviceTransport, GatewayTransport
 from hierarchy.uplink import UplinkConfig
 
 DATASETS = ("har", "fashion", "digits")
@@ -81,6 +83,9 @@ class EmulationConfig:
     adaptive_work: bool = False
     mode: str = "sync"  # "async": FedBuff-style buffered rounds (hierarchy.async_emulate)
     buffer_size: int | None = None  # async: updates per gateway flush (default: half its devices)
+    # How updates reach the gateways: "direct" (in-process hand-over), or each device's real
+    # signed envelope over real CoAP / MQTT on loopback (hierarchy.transport).
+    transport: str = "direct"
 
     def validate(self) -> None:
         """Name the first bad field; the CLI turns this into exit code 2."""
@@ -126,6 +131,18 @@ class EmulationConfig:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.buffer_size is not None and self.buffer_size < 1:
             raise ValueError(f"buffer-size must be >= 1, got {self.buffer_size}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(
+                f"unknown transport {self.transport!r}; choose one of {', '.join(TRANSPORTS)}"
+            )
+        if self.mode == "async" and self.transport != "direct":
+            # The gateway intake validates every update against the round it serves and
+            # the model it published; async devices train from different versions at once.
+            raise ValueError(
+                f"--transport {self.transport} with --mode async is not supported: the real "
+                "gateway intake takes updates for one round and model version at a time; "
+                "use --transport direct for async runs"
+            )
         if self.mode == "sync" and self.buffer_size is not None:
             raise ValueError("buffer-size applies to --mode async only")
         if self.mode == "async":
@@ -195,14 +212,24 @@ class Emulation:
             cfg.alpha,
             tuple(int(s) for s in sizes) if all(s is not None for s in sizes) else None,  # type: ignore[arg-type]
         )
+        self.clock_s = 0.0  # emulated seconds before the next round (envelope timestamps)
+        self.broker: Any = None  # the MQTT transport's mosquitto (owned by this driver)
         t0 = time.perf_counter()
         self.backend = _make_backend(cfg)
         try:
             self._build()
         except BaseException:
-            self.backend.shutdown()
+            try:
+                self._stop_transport()
+            finally:
+                self.backend.shutdown()
             raise
         self.setup_wall_s = time.perf_counter() - t0
+
+    @property
+    def sockets(self) -> bool:
+        """True when updates travel over real CoAP/MQTT instead of the direct hand-over."""
+        return self.cfg.transport in SOCKET_TRANSPORTS
 
     def _build(self) -> None:
         cfg, topo = self.cfg, self.topo
@@ -230,6 +257,14 @@ class Emulation:
         self.num_params = int(info["num_params"])
         self.initial_hash = str(info["hash"])
         gw_index = {g: i for i, g in enumerate(topo.gateways)}
+        if cfg.transport == "mqtt":
+            from gateway.broker import MosquittoBroker
+
+            # One broker for the fleet, as an operator would run; stopped by its PID in close().
+            self.broker = MosquittoBroker().start()
+        members: dict[str, list[str]] = {g: [] for g in topo.gateways}
+        for d in topo.devices.values():
+            members[d.gateway].append(d.id)
         self.hosts = [
             self.backend.spawn(
                 GatewayHost,
@@ -238,11 +273,18 @@ class Emulation:
                 self.num_params,
                 cfg.seed,
                 resources=plan.resources,
+                **self._host_transport(plan.gateways, members),
             )
             for plan in self.placement.gateway_hosts
         ]
         host_of = self.placement.host_of()
         gateway_handles = {g: self.hosts[host_of[g]] for g in topo.gateways}
+        device_transport: dict[str, Any] = {}
+        if self.sockets:
+            endpoints: dict[str, str] = {}
+            for eps in gather([h.call("endpoints") for h in self.hosts]):
+                endpoints.update(eps)
+            device_transport["transport"] = DeviceTransport(cfg.transport, cfg.seed, endpoints)
         nodes = list(topo.devices.values())
         self.trainers = [
             self.backend.spawn(
@@ -256,6 +298,7 @@ class Emulation:
                 # round on a shared 2-core machine (the small per-device kernels spin).
                 threads=1,
                 num_cpus=1 if cfg.backend == "ray" else 0,
+                **device_transport,
             )
             for idx in self.placement.trainers
         ]
@@ -267,6 +310,34 @@ class Emulation:
             "hosts": spots[1 : 1 + len(self.hosts)],
             "trainers": spots[1 + len(self.hosts) :],
         }
+
+    def _host_transport(
+        self, gateways: list[str], members: dict[str, list[str]]
+    ) -> dict[str, Any]:
+        """The ``transport`` argument of a gateway host (none for the direct transport)."""
+        if not self.sockets:
+            return {}
+        spec = GatewayTransport(
+            self.cfg.transport,
+            self.cfg.seed,
+            {g: tuple(members[g]) for g in gateways},
+            broker=self.broker.url if self.broker is not None else None,
+        )
+        return {"transport": spec}
+
+    def _stop_transport(self) -> None:
+        """Close the devices' clients, then the gateways' servers, then the broker (by PID)."""
+        try:
+            if self.sockets:
+                for group in (getattr(self, "trainers", []), getattr(self, "hosts", [])):
+                    try:
+                        gather([a.call("stop_transport") for a in group])
+                    except Exception as e:  # a dead actor must not keep the broker alive
+                        print(f"warning: stopping the transport: {e}", file=sys.stderr)
+        finally:
+            if self.broker is not None:
+                self.broker.close()
+                self.broker = None
 
     def describe_placement(self) -> dict[str, Any]:
         """Which process/node hosts what: the logical tree mapped onto actors."""
@@ -323,28 +394,34 @@ class Emulation:
             g: gateway_model_arrival(node, i, seed=cfg.seed, round_=round_, model_bytes=m_bytes)
             for i, (g, node) in enumerate(topo.gateways.items())
         }
+        if self.sockets:
+            # Each gateway's intake opens the round at the virtual instant it has the model.
+            opened = {g: VIRTUAL_EPOCH + self.clock_s + s for g, s in starts.items()}
+            gather([h.call("open_round", round_, params_ref, opened) for h in self.hosts])
         sel = self.select(round_)
         selected = sel["reachable"]
         local = LocalTrainingConfig(**asdict(cfg.local))
-        stats = _merge_stats(
-            gather(
-                [
-                    t.call(
-                        "train_round",
-                        round_,
-                        params_ref,
-                        local,
-                        selected,
-                        starts,
-                        cfg.seed,
-                        cfg.uplink,
-                        cfg.deadline_s,
-                        cfg.adaptive_work,
-                    )
-                    for t in self.trainers
-                ]
-            )
+        parts = gather(
+            [
+                t.call(
+                    "train_round",
+                    round_,
+                    params_ref,
+                    local,
+                    selected,
+                    starts,
+                    cfg.seed,
+                    cfg.uplink,
+                    cfg.deadline_s,
+                    cfg.adaptive_work,
+                    self.clock_s,
+                )
+                for t in self.trainers
+            ]
         )
+        # Trainers hand over in parallel (on Ray): the longest one is the round's cost.
+        wall_transport = max(float(p.pop("transport_wall_s", np.zeros(1))[0]) for p in parts)
+        stats = _merge_stats(parts)
         wall_train = time.perf_counter() - wall0
         # Quorum counts are per gateway, of the devices it was told to expect (sampled),
         # including those that will never report.
@@ -368,6 +445,8 @@ class Emulation:
             )
             for c in cs
         ]
+        if self.sockets:
+            self._add_intake_rejections(round_, closes)
         energy = np.array(
             [
                 energy_mwh(self._power[d], c, dl + ul)
@@ -388,9 +467,28 @@ class Emulation:
         if round_ % cfg.eval_every == 0 or round_ == cfg.rounds:
             evaluation = gather([self.coordinator.call("evaluate")])[0]
         wall = time.perf_counter() - wall0
-        return self._record(
+        rec = self._record(
             round_, stats, closes, starts, applied, evaluation, sel, wall, wall_train, m_bytes
         )
+        rec["wall_transport_s"] = wall_transport
+        rec["transport_rtt_s"] = _percentiles(stats["transport_rtt_s"])
+        rec["transport_failed"] = int(stats["transport_failed"].sum())
+        self.clock_s += rec["latency_s"]
+        return rec
+
+    def _add_intake_rejections(self, round_: int, closes: list[dict[str, Any]]) -> None:
+        """Close the round on the real intakes and count what they refused, by reason code.
+
+        Those updates never reached a gateway host's buffer, so ``close`` did not see them.
+        """
+        refused: dict[str, dict[str, int]] = {}
+        for per_gateway in gather([h.call("end_round", round_) for h in self.hosts]):
+            refused.update(per_gateway)
+        for c in closes:
+            gateway = c["gateway"] if "gateway" in c else c["partial"].gateway
+            for reason, n in refused.get(gateway, {}).items():
+                c["rejected_by_reason"][reason] = c["rejected_by_reason"].get(reason, 0) + n
+                c["rejected"] += n
 
     def _record(
         self,
@@ -501,7 +599,10 @@ class Emulation:
         }
 
     def close(self) -> None:
-        self.backend.shutdown()
+        try:
+            self._stop_transport()
+        finally:
+            self.backend.shutdown()
 
 
 def run_emulation(
@@ -632,6 +733,7 @@ def build_report(
             ),
             "stragglers": int(sum(r["stragglers"] for r in rounds)),
             "wall_setup_s": emu.setup_wall_s,
+            "wall_transport_s": float(sum(r.get("wall_transport_s", 0.0) for r in rounds)),
             "wall_total_s": total_wall,
             "client_updates_per_s": (sum(r["participants"] for r in steady) / steady_wall)
             if steady_wall > 0
