@@ -14,10 +14,15 @@ per context (NSTART = 1), so uploads share a small pool of client contexts,
 as many as the concurrency bound (each its own UDP socket, like separate
 devices), and every upload carries a fresh Request-Tag (the client does
 that), so block-wise transfers sharing a socket never mix. MQTT: each device
-keeps its own connection (its own client id and ack subscription, as a real
-device would), opened on its first upload and kept across rounds; uploads
-run on a bounded thread pool because ``MqttDeviceClient.send`` blocks until
-the ack arrives.
+has its own connection (its own client id and ack subscription, as a real
+device would), opened on its first upload and kept across rounds, for up to
+``MAX_MQTT_CONNECTIONS`` devices per trainer; beyond that the least recently
+used device disconnects and reconnects next time, like a device that sleeps
+between rounds. The cap exists because paho's network loop uses ``select()``,
+which cannot watch file descriptors above 1024, and each client holds three
+(measured: the 341st concurrent client in one process never sees its
+CONNACK). Uploads run on a bounded thread pool because
+``MqttDeviceClient.send`` blocks until the ack arrives.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ if TYPE_CHECKING:
 __all__ = ["DeviceUplinks", "Upload", "UploadResult"]
 
 _CONNECT_TIMEOUT_S = 10.0
+MAX_MQTT_CONNECTIONS = 128  # x 3 file descriptors, well below select()'s 1024
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,8 @@ class DeviceUplinks:
         self._thread: threading.Thread | None = None
         self._contexts: list[aiocoap.Context] = []
         # MQTT: one connection per device, a bounded pool of blocking senders.
-        self._mqtt: dict[str, MqttDeviceClient] = {}
+        self._mqtt: dict[str, MqttDeviceClient] = {}  # least recently used first
+        self._mqtt_busy: set[str] = set()
         self._mqtt_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
 
@@ -197,12 +204,15 @@ class DeviceUplinks:
         return list(self._pool.map(self._mqtt_upload, uploads))
 
     def _mqtt_client(self, gateway: str, device: str) -> MqttDeviceClient:
+        """The device's connected client (connecting it first if needed); marks it busy."""
         from devices.transport_mqtt import MqttDeviceClient
 
         with self._mqtt_lock:
-            client = self._mqtt.get(device)
-        if client is not None and client.connected:
-            return client
+            self._mqtt_busy.add(device)
+            client = self._mqtt.pop(device, None)
+            if client is not None and client.connected:
+                self._mqtt[device] = client  # now the most recently used
+                return client
         if client is not None:
             client.close()
         url = urlsplit(self.spec.endpoints[gateway])
@@ -210,8 +220,16 @@ class DeviceUplinks:
             gateway, device, host=url.hostname or "127.0.0.1", port=url.port or 1883
         )
         client.connect(_CONNECT_TIMEOUT_S)
+        evicted = []
         with self._mqtt_lock:
             self._mqtt[device] = client
+            for other in list(self._mqtt):
+                if len(self._mqtt) <= MAX_MQTT_CONNECTIONS:
+                    break
+                if other not in self._mqtt_busy:
+                    evicted.append(self._mqtt.pop(other))
+        for c in evicted:
+            c.close()
         return client
 
     def _mqtt_upload(self, u: Upload) -> UploadResult:
@@ -222,5 +240,7 @@ class DeviceUplinks:
             ack = self._mqtt_client(u.gateway, u.device).send(u.envelope, self.spec.timeout_s)
         except MqttTransportError as e:
             return UploadResult("failed", None, str(e), time.perf_counter() - t0)
+        finally:
+            with self._mqtt_lock:
+                self._mqtt_busy.discard(u.device)
         return UploadResult(ack.status, ack.reason, ack.detail, time.perf_counter() - t0)
-
