@@ -143,6 +143,11 @@ class EmulationConfig:
                 "gateway intake takes updates for one round and model version at a time; "
                 "use --transport direct for async runs"
             )
+        if self.transport != "direct" and self.ray_address:
+            raise ValueError(
+                f"--transport {self.transport} runs its gateway servers on loopback, so every "
+                "actor must be on this machine; it cannot be combined with --ray-address"
+            )
         if self.mode == "sync" and self.buffer_size is not None:
             raise ValueError("buffer-size applies to --mode async only")
         if self.mode == "async":

@@ -4,7 +4,7 @@ With ``--transport coap`` every logical gateway gets its own aiocoap server
 (``gateway.coap.CoapGateway``) on a free 127.0.0.1 port, as every base
 station is its own endpoint; the servers of one host share one event-loop
 thread (an idle aiocoap server context is one UDP socket and a few objects:
-12 of them for metro-5g start in ~20 ms). With ``--transport mqtt`` every
+metro-5g's 12, with their 360 device keys, start in ~80 ms here). With ``--transport mqtt`` every
 logical gateway runs its own ``gateway.mqtt.MqttIntake`` (its own broker
 session, subscribed to ``tierfl/<gateway>/update/+``) against the broker the
 driver started.
@@ -158,7 +158,6 @@ class GatewayIntakes:
         version = ""
         for g, svc in self.services.items():
             self._clocks[g].now = float(opened_at[g])
-            self._baseline[g] = svc.rejections.snapshot()
             if g in self._mqtt:
                 version = self._mqtt[g].publish_model(g, params, round_, SERVICE_ROUND_OPEN_S)
             else:
@@ -184,7 +183,8 @@ class GatewayIntakes:
         """Close ``round_`` on every gateway; per gateway, its rejections by reason this round.
 
         Later uploads of the round are refused (``round-closed``); accepted updates
-        nobody claimed (a trainer that died mid-round) are dropped.
+        nobody claimed (a trainer that died mid-round) are dropped. Refusals made
+        between two rounds (a stalled CoAP upload expiring) count in the next one.
         """
         out: dict[str, dict[str, int]] = {}
         for g, svc in self.services.items():

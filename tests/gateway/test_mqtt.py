@@ -340,6 +340,20 @@ def test_username_password_auth_and_wrong_password_refused() -> None:
             MqttIntake(make_service(), bad, reconnect_min_s=1).start(timeout=5)
 
 
+def test_device_client_close_releases_its_sockets(broker: MosquittoBroker) -> None:
+    """paho frees its wake-up socket pair only at garbage collection; close() must not wait.
+
+    The emulator reconnects hundreds of device clients in one process, and paho's
+    select() loop breaks once descriptors pass 1024.
+    """
+    fds = len(os.listdir("/proc/self/fd"))
+    for i in range(20):
+        client = MqttDeviceClient(GW, f"dev{i % 16}", host=broker.host, port=broker.port)
+        client.connect(timeout=10)
+        client.close()
+    assert len(os.listdir("/proc/self/fd")) <= fds
+
+
 def test_broker_is_stopped_by_its_pid() -> None:
     b = MosquittoBroker().start()
     pid = b.pid

@@ -8,6 +8,7 @@ clients. Smoke topology, digits, 2 rounds: a few seconds per emulation.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import pytest
@@ -113,6 +114,16 @@ def test_unregistered_or_impostor_devices_are_rejected_over_the_socket(transport
         other = public_key_hex(generate_keypair())
         _host_of(emu, impostor.gateway).call("enroll", impostor.gateway, impostor.id, other)
         rec = emu.run_round(1)
+        # Counted by the real gateway service, under the socket's transport label.
+        intakes = {g: _host_of(emu, g)._obj._intakes.services[g] for g in emu.topo.gateways}
+        m_revoked = intakes[revoked.gateway].metrics
+        m_impostor = intakes[impostor.gateway].metrics
+        assert m_revoked.rejections_count(revoked.gateway, "unknown-device", transport) == 1
+        assert m_impostor.rejections_count(impostor.gateway, "bad-signature", transport) == 1
+        accepted = sum(
+            v.metrics.updates_count(g, "accepted", transport) for g, v in intakes.items()
+        )
+        broker_pid = emu.broker.pid if emu.broker is not None else None
         direct = Emulation(_cfg("direct", rounds=1))
         try:
             baseline = direct.run_round(1)
@@ -120,6 +131,11 @@ def test_unregistered_or_impostor_devices_are_rejected_over_the_socket(transport
             direct.close()
     finally:
         emu.close()
+    if transport == "mqtt":  # the driver's broker is stopped by its PID at close
+        assert broker_pid is not None and emu.broker is None
+        with pytest.raises(ProcessLookupError):
+            os.kill(broker_pid, 0)
+    assert accepted == rec["participants"]
     assert rec["rejected_by_reason"] == {"unknown-device": 1, "bad-signature": 1}
     assert rec["rejected"] == 2
     # The round completed with everyone else.
@@ -136,6 +152,8 @@ def test_transport_choice_is_validated():
         _cfg("http").validate()
     with pytest.raises(ValueError, match="--transport coap with --mode async is not supported"):
         _cfg("coap", mode="async").validate()
+    with pytest.raises(ValueError, match="loopback.*cannot be combined with --ray-address"):
+        _cfg("mqtt", backend="ray", ray_address="auto").validate()
 
 
 def test_cli_documents_and_checks_transport(capsys):
