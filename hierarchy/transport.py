@@ -11,6 +11,14 @@ duplicate protection. The virtual clock is untouched by the choice: arrival
 times still come from ``hierarchy.timeline`` and travel to the gateway host out
 of band, so the same seed gives the same model with every transport.
 
+One difference is deliberate: an update the intake refuses (bad signature,
+unknown device, non-finite ...) never reaches the gateway host's buffer, so it
+neither counts toward the quorum (a real gateway counts accepted updates) nor
+holds the gateway open until it arrives. With ``direct``, a non-finite update
+is refused only when the gateway closes, after it was waited for. Runs in
+which nothing is refused are identical; runs with refusals can close a
+gateway earlier.
+
 This module holds what both ends share: the names, the per-device keys and
 the plain, picklable descriptions handed to the actors.
 """
