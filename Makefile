@@ -53,6 +53,7 @@ bench: install
 	$(PY) bench/bench_scale.py
 	$(PY) bench/bench_realtime.py
 	$(PY) bench/bench_smpc.py --quick
+	$(PY) bench/bench_smpc_rounds.py
 	$(PY) bench/bench_device_shares.py
 	$(PY) bench/bench_gateway_mqtt.py
 	$(PY) bench/bench_gateway_coap.py

@@ -20,6 +20,7 @@ separately: it happens as gateways report, before the round closes.
 
     .venv/bin/python bench/bench_smpc.py          # G {10,100} x P {10k,100k,1M} x K {2,3,5}
     .venv/bin/python bench/bench_smpc.py --quick  # the subset around the targets
+    .venv/bin/python bench/bench_smpc.py --rounds # + whole emulated rounds (bench_smpc_rounds.py)
 
 Targets (2 cores): G=100, P=100k, K=3 secure <= 2 s; with norm bounding <= 10 s.
 """
@@ -76,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--clip-norm", type=float, default=5.0)
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument(
+        "--rounds",
+        action="store_true",
+        help="then run whole emulated rounds at N = 100 and 1,000 devices in device-shares, "
+        "gateway-trusted and no-smpc modes with 30%% dropout (bench/bench_smpc_rounds.py)",
+    )
     args = ap.parse_args(argv)
 
     ks = args.parties or ([2, 3] if args.quick else [2, 3, 5])
@@ -160,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1))
+    if args.rounds:
+        import bench_smpc_rounds
+
+        return int(bench_smpc_rounds.main([]))
     return 0
 
 

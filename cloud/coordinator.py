@@ -44,9 +44,21 @@ class Coordinator:
 
     def apply(self, round_: int, partials: Sequence[PartialAggregate]) -> AppliedRound:
         """Apply one round. A round where no device delivered keeps the model unchanged."""
-        params = self.params
         delivered = [p for p in partials if p.count > 0]
-        total, weight, count = combine(delivered, params.shape[0])
+        total, weight, count = combine(delivered, self.params.shape[0])
+        return self.apply_sum(round_, total, weight, count, len(delivered))
+
+    def apply_sum(
+        self, round_: int, total: np.ndarray, weight: float, count: int, gateways: int
+    ) -> AppliedRound:
+        """Apply a (possibly revealed, noisy) sum of weighted updates with its public totals.
+
+        The secure path: the cloud parties reveal only ``total``; ``weight`` and
+        ``count`` are the gateways' public totals.
+        """
+        params = self.params
+        if total.shape != params.shape:
+            raise ValueError(f"round {round_}: sum has shape {total.shape}, model {params.shape}")
         if count == 0 or weight <= 0:
             return AppliedRound(round_, self.version, 0, 0, 0.0, 0.0)
         mean_delta = weighted_mean(total, weight)
@@ -55,5 +67,5 @@ class Coordinator:
         new = self.strategy.step(params, mean_delta)
         version = self.store.commit(new, round_)
         return AppliedRound(
-            round_, version, count, len(delivered), weight, float(np.linalg.norm(mean_delta))
+            round_, version, count, gateways, weight, float(np.linalg.norm(mean_delta))
         )

@@ -86,6 +86,7 @@ class SecureAggregator:
         timeout_s: float = 60.0,
         start_timeout_s: float = 180.0,
         threads: int = 1,
+        resources: dict[str, float] | None = None,
     ) -> None:
         if parties < 2:
             raise ValueError(f"secure aggregation needs at least 2 parties, got {parties}")
@@ -100,6 +101,9 @@ class SecureAggregator:
         self.timeout_s = timeout_s
         self.start_timeout_s = start_timeout_s
         self.threads = threads
+        # Where the parties run (Ray custom resources): on a cluster, the node whose
+        # address is ``host``, because rank 0 serves the gloo rendezvous there.
+        self.resources = resources
         self._handles: list[Any] = []
         self._dealer: Any = None
         self._dealer_ref: Any = None
@@ -130,16 +134,29 @@ class SecureAggregator:
                 self.timeout_s,
                 self.threads,
                 num_cpus=0,
+                resources=self.resources,
             )
             for r in range(self.parties)
         ]
         if self.norm_bounding:
             self._dealer = self.backend.spawn(
-                Dealer, self.parties, self.port, self.host, self.timeout_s, num_cpus=0
+                Dealer,
+                self.parties,
+                self.port,
+                self.host,
+                self.timeout_s,
+                num_cpus=0,
+                resources=self.resources,
             )
             self._dealer_ref = self._dealer.call("serve")
         refs = [h.call("init") for h in self._handles]
         self._collect(refs, "start", self.start_timeout_s)
+
+    @property
+    def party_handles(self) -> list[Any]:
+        """The running parties' backend handles, rank order (gateways submit to them)."""
+        self._check_up()
+        return list(self._handles)
 
     def restart(self) -> None:
         self.shutdown()

@@ -342,6 +342,18 @@ class AggregatorParty:
             )
         return {"rank": self.rank, "pid": os.getpid(), "dealer": self.dealer}
 
+    def where(self) -> dict[str, Any]:
+        """This party's process and Ray node (placement reports, fault drills)."""
+        import sys
+
+        node = None
+        if "ray" in sys.modules:
+            import ray
+
+            if ray.is_initialized():
+                node = ray.get_runtime_context().get_node_id()
+        return {"rank": self.rank, "pid": os.getpid(), "node": node}
+
     def shutdown(self) -> None:
         """Leave the group (rank 0 also tells the dealer to stop)."""
         if self._crypten is not None and self._crypten.is_initialized():
@@ -370,6 +382,19 @@ class AggregatorParty:
             np.array(a, dtype=np.int64, copy=True), w, int(count)
         )
         return int(a.shape[0])
+
+    def submit_seed(self, share: Any) -> int:
+        """Buffer a share that arrived as its seed (``gateway.secret_sharing.SeedShare``)."""
+        if share.party != self.rank:
+            raise ValueError(
+                f"party {self.rank}: seed share of {share.gateway!r} is for party {share.party}"
+            )
+        if not isinstance(share.seed, bytes) or not 16 <= len(share.seed) <= 64:
+            raise ValueError(f"party {self.rank}: seed of {share.gateway!r} must be 16-64 bytes")
+        if not 0 < int(share.length) <= 1 << 28:
+            raise ValueError(f"party {self.rank}: bad share length {share.length!r}")
+        sp = share.expand()
+        return self.submit_share(sp.round, sp.gateway, sp.share, sp.total_weight, sp.count)
 
     def received(self, round_: int) -> dict[str, tuple[int, float, int]]:
         """What this party holds for a round: gateway -> (length, total_weight, count)."""

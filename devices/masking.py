@@ -10,7 +10,7 @@ S = {1, ..., K-1} (or {0, ..., K-1} with ``seal_to_party0=True``):
 1. encode ``x_i = encode_fixed(w_i * clip(delta_i))`` in the int64 ring
    (CrypTen's 16-bit fixed point, :mod:`devices.fixed_point`);
 2. draw a fresh 256-bit seed ``s_ik`` per k in S and expand it into a ring
-   mask ``m_ik = expand_mask(s_ik, k, P, MASK_LABEL)`` (SHAKE-256);
+   mask ``m_ik = expand_mask(s_ik, k, P, MASK_LABEL)`` (AES-256-CTR);
 3. send the gateway ``masked_i = x_i - sum_{k in S} m_ik`` (int64, wrapping
    mod 2^64), which is uniform on the ring whatever x_i is, as long as one
    seed stays secret;

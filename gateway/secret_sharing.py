@@ -10,9 +10,9 @@ with wrap-around, so ``crypten.mpc.MPCTensor.from_shares`` on the cloud side
 takes these shares unchanged. Numpy's int64 array arithmetic wraps modulo
 2^64 silently, which is exactly the ring arithmetic we want.
 
-Randomness: shares 0..K-2 are the output of SHAKE-256 (a standard
-extendable-output function, i.e. a CSPRNG) keyed with a 256-bit secret seed
-and domain-separated by party index; the last share is the difference. The
+Randomness: shares 0..K-2 are CSPRNG output (AES-256-CTR under a key derived
+with SHAKE-256 from a 256-bit secret seed, domain-separated by party index:
+``devices.fixed_point.expand_mask``); the last share is the difference. The
 same expansion (:func:`expand_mask`) lets a party regenerate a mask from a
 seed alone, which the ``device-shares`` mode needs (a device seals a 32-byte
 seed to a party instead of shipping a whole share).
@@ -45,6 +45,7 @@ from gateway.partial_aggregate import PartialAggregate
 __all__ = [
     "DEFAULT_MAX_TERMS",
     "FRAC_BITS",
+    "SeedShare",
     "SharedPartial",
     "decode_fixed",
     "encode_fixed",
@@ -53,7 +54,9 @@ __all__ = [
     "new_seed",
     "reconstruct",
     "share_partial",
+    "share_partial_compact",
     "share_vector",
+    "share_vector_compact",
     "split_shares",
 ]
 
@@ -119,6 +122,21 @@ class SharedPartial:
         return int(self.share.size) * 8 + 64
 
 
+def _encode_sum(
+    gateway: str, round_: int, values: np.ndarray, total_weight: float, max_terms: int
+) -> np.ndarray:
+    """Check a gateway's flat sum and public weight, and encode the sum in the ring."""
+    v = np.asarray(values)
+    if v.ndim != 1:
+        raise ValueError(f"gateway {gateway!r}: expected a flat vector, got shape {v.shape}")
+    if not np.isfinite(total_weight) or total_weight < 0:
+        raise ValueError(f"gateway {gateway!r}: invalid total weight {total_weight!r}")
+    try:
+        return encode_fixed(v, FRAC_BITS, max_terms)
+    except ValueError as exc:
+        raise ValueError(f"gateway {gateway!r}, round {round_}: {exc}") from None
+
+
 def share_vector(
     gateway: str,
     round_: int,
@@ -130,15 +148,7 @@ def share_vector(
     max_terms: int = DEFAULT_MAX_TERMS,
 ) -> list[SharedPartial]:
     """Encode a gateway's weighted sum and split it: one SharedPartial per party."""
-    v = np.asarray(values)
-    if v.ndim != 1:
-        raise ValueError(f"gateway {gateway!r}: expected a flat vector, got shape {v.shape}")
-    if not np.isfinite(total_weight) or total_weight < 0:
-        raise ValueError(f"gateway {gateway!r}: invalid total weight {total_weight!r}")
-    try:
-        fixed = encode_fixed(v, FRAC_BITS, max_terms)
-    except ValueError as exc:
-        raise ValueError(f"gateway {gateway!r}, round {round_}: {exc}") from None
+    fixed = _encode_sum(gateway, round_, values, total_weight, max_terms)
     return [
         SharedPartial(gateway, round_, p, s, float(total_weight), int(count))
         for p, s in enumerate(split_shares(fixed, parties, seed))
@@ -157,4 +167,74 @@ def share_partial(
         partial.count,
         parties,
         seed,
+    )
+
+
+@dataclass(frozen=True)
+class SeedShare:
+    """A party's share sent as the 32-byte seed it expands from, not as P int64 values.
+
+    Shares 0..K-2 are pseudo-random, so a gateway can send party k the seed
+    of its share instead of the share (``expand_mask(seed, k, length)``
+    regenerates it on the party). Each party gets its *own* fresh seed: a
+    party learns exactly its share and nothing about the others'. Only the
+    last party needs the full difference vector, so the gateway's uplink is
+    P*8 bytes instead of K*P*8.
+    """
+
+    gateway: str
+    round: int
+    party: int
+    seed: bytes
+    length: int
+    total_weight: float
+    count: int
+    frac_bits: int = FRAC_BITS
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.seed) + 64
+
+    def expand(self) -> SharedPartial:
+        share = expand_mask(self.seed, self.party, self.length)
+        return SharedPartial(
+            self.gateway, self.round, self.party, share, self.total_weight, self.count
+        )
+
+
+def share_vector_compact(
+    gateway: str,
+    round_: int,
+    values: np.ndarray,
+    total_weight: float,
+    count: int,
+    parties: int,
+    max_terms: int = DEFAULT_MAX_TERMS,
+) -> list[SeedShare | SharedPartial]:
+    """Like :func:`share_vector`, but parties 0..K-2 get a fresh seed each instead of a vector."""
+    if parties < 2:
+        raise ValueError(f"need at least 2 shares, got k={parties}")
+    last = _encode_sum(gateway, round_, values, total_weight, max_terms)
+    out: list[SeedShare | SharedPartial] = []
+    for p in range(parties - 1):
+        seed = new_seed()
+        last -= expand_mask(seed, p, last.size)  # ring subtraction (wraps mod 2^64)
+        out.append(
+            SeedShare(gateway, round_, p, seed, int(last.size), float(total_weight), int(count))
+        )
+    out.append(SharedPartial(gateway, round_, parties - 1, last, float(total_weight), int(count)))
+    return out
+
+
+def share_partial_compact(
+    partial: PartialAggregate, parties: int
+) -> list[SeedShare | SharedPartial]:
+    """:func:`share_vector_compact` of a gateway's ``PartialAggregate``."""
+    return share_vector_compact(
+        partial.gateway,
+        partial.round,
+        partial.weighted_sum,
+        partial.total_weight,
+        partial.count,
+        parties,
     )

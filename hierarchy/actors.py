@@ -19,6 +19,7 @@ import numpy as np
 from devices.codecs import Encoded, max_encoded_size
 from gateway.partial_aggregate import PartialAggregate
 from hierarchy.backend import Handle, gather
+from hierarchy.privacy import DevicePrivacy, GatewayPrivacy, clip_check
 from hierarchy.timeline import (
     close_gateway,
     device_timing,
@@ -147,6 +148,7 @@ class CohortHost(Placed):
         uplink: UplinkConfig | None = None,
         deadline_s: float | None = None,
         adaptive_work: bool = False,
+        privacy: DevicePrivacy | None = None,
         clock_s: float = 0.0,
     ) -> dict[str, np.ndarray]:
         """Train the selected devices (global indices), submit updates, return per-device stats.
@@ -154,16 +156,23 @@ class CohortHost(Placed):
         Each device compresses its update with its codec (adding its error-feedback
         residual first), and the exact signed-envelope size is what its uplink is
         charged for. With ``adaptive_work`` and a deadline, slow devices train only
-        as many steps as let them make the deadline. ``clock_s`` is the emulated
-        time at which the round started: envelopes are stamped with it plus their
-        gateway's model arrival. With a socket transport each device's envelope is
-        really signed and sent (``_send``). Besides the per-device arrays, the
-        result has ``transport_wall_s``: one entry, the wall seconds the hand-over
-        to the gateways took.
+        as many steps as let them make the deadline. ``privacy``: clip to C first
+        (DP), and in ``device-shares`` mode mask and seal instead of compressing.
+        ``clock_s`` is the emulated time at which the round started: envelopes are
+        stamped with it plus their gateway's model arrival. With a socket transport
+        each device's envelope is really signed and sent (``_send``). Besides the
+        per-device arrays, the result has ``transport_wall_s``: one entry, the wall
+        seconds the hand-over to the gateways took.
         """
         from cloud.model_store import model_hash
 
         uplink = uplink or UplinkConfig()
+        privacy = privacy or DevicePrivacy("none")
+        party_keys = None
+        if privacy.mode == "device-shares":
+            from devices.masking import PartyPublicKeys
+
+            party_keys = PartyPublicKeys.from_hex(privacy.party_keys)
         mine = [i for i in selected if i in self._pos]
         if not mine:
             return {**_empty_stats(), "transport_wall_s": np.zeros(1)}
@@ -211,27 +220,49 @@ class CohortHost(Placed):
         }
         base = model_hash(params)
         by_gateway: dict[str, list[int]] = {}
-        updates: list[Encoded] = []
+        updates: list[Any] = []
         sealed: list[bytes] = []
+        weights = np.ones(n) if privacy.uniform_weights else res.num_samples.astype(np.float64)
         for k, (i, p) in enumerate(zip(mine, pos, strict=True)):
             node = self._nodes[p]
-            codec, cparams = codecs[k]
-            # Stochastic rounding needs randomness; dense codecs do not (skip the ~8 µs).
-            rng = np.random.default_rng([seed, round_, i, 11]) if codec not in DENSE else None
-            enc = self._compress(node.id, res.deltas[k], codec, cparams, rng, uplink)
-            updates.append(enc)
-            stamp = clock_s + gateway_start[node.gateway]
-            samples = int(res.num_samples[k])
-            u_bytes = envelope_bytes(node.id, round_, base, samples, enc, stamp)
-            if self._links is not None:
-                sealed.append(
-                    self._links.seal(node.id, round_, base, samples, enc, VIRTUAL_EPOCH + stamp)
+            delta = res.deltas[k]
+            if privacy.clip_norm is not None:
+                delta = _clip(delta, privacy.clip_norm)
+            if party_keys is not None:
+                from devices.masking import mask_update
+
+                # Masked ring values cannot be compressed: the update is P int64 + the
+                # sealed seeds (MaskedUpdate.nbytes), inside a signed envelope.
+                mu = mask_update(
+                    node.id,
+                    round_,
+                    delta,
+                    party_keys,
+                    weight=float(weights[k]),
+                    seal_to_party0=privacy.seal_to_party0,
                 )
-                if len(sealed[-1]) != u_bytes:  # the size the virtual clock charged is exact
-                    raise RuntimeError(
-                        f"{node.id}: sealed envelope has {len(sealed[-1])} bytes, "
-                        f"envelope_bytes() said {u_bytes}"
+                updates.append(mu)
+                u_bytes = mu.nbytes + ENVELOPE_OVERHEAD_BYTES
+            else:
+                codec, cparams = codecs[k]
+                # Stochastic rounding needs randomness; dense codecs do not (skip the ~8 µs).
+                rng = np.random.default_rng([seed, round_, i, 11]) if codec not in DENSE else None
+                enc = self._compress(node.id, delta, codec, cparams, rng, uplink)
+                updates.append(enc)
+                stamp = clock_s + gateway_start[node.gateway]
+                samples = int(res.num_samples[k])
+                u_bytes = envelope_bytes(node.id, round_, base, samples, enc, stamp)
+                if self._links is not None:
+                    sealed.append(
+                        self._links.seal(
+                            node.id, round_, base, samples, enc, VIRTUAL_EPOCH + stamp
+                        )
                     )
+                    if len(sealed[-1]) != u_bytes:  # the size the virtual clock charged is exact
+                        raise RuntimeError(
+                            f"{node.id}: sealed envelope has {len(sealed[-1])} bytes, "
+                            f"envelope_bytes() said {u_bytes}"
+                        )
             processed = samples_processed(
                 int(res.num_samples[k]), int(res.steps[k]), cfg.batch_size
             )
@@ -256,7 +287,10 @@ class CohortHost(Placed):
             by_gateway.setdefault(node.gateway, []).append(k)
         t0 = time.perf_counter()
         if self._links is not None:
-            self._send(round_, [self._nodes[p] for p in pos], sealed, by_gateway, stats)
+            if party_keys is not None:
+                raise RuntimeError("device-shares updates cannot travel in codec envelopes")
+            nodes = [self._nodes[p] for p in pos]
+            self._send(round_, nodes, sealed, by_gateway, weights, stats)
         else:
             futures = []
             for g, ks in by_gateway.items():
@@ -267,7 +301,7 @@ class CohortHost(Placed):
                         g,
                         [self._nodes[pos[k]].id for k in ks],
                         [updates[k] for k in ks],
-                        res.num_samples[ks].astype(np.float64),
+                        weights[ks],
                         stats["arrival_s"][ks],
                     )
                 )
@@ -281,6 +315,7 @@ class CohortHost(Placed):
         nodes: Sequence[DeviceNode],
         sealed: Sequence[bytes],
         by_gateway: Mapping[str, list[int]],
+        weights: np.ndarray,
         stats: dict[str, np.ndarray],
     ) -> None:
         """Upload every sealed envelope over the socket transport, then tell each gateway host
@@ -288,8 +323,10 @@ class CohortHost(Placed):
 
         The gateway host buffers only what its intake accepted; the arrival times
         travel out of band because the virtual clock, not the socket, says when an
-        update reached its gateway. Devices that heard no answer are counted in
-        ``transport_failed`` (the gateway may still have accepted them).
+        update reached its gateway, and so do the round's aggregation weights (the
+        sample counts the devices signed, or 1 each under DP's uniform weighting).
+        Devices that heard no answer are counted in ``transport_failed`` (the
+        gateway may still have accepted them).
         """
         from hierarchy.transport_devices import Upload
 
@@ -301,7 +338,12 @@ class CohortHost(Placed):
         gather(
             [
                 self._gateways[g].call(
-                    "deliver", round_, g, [nodes[k].id for k in ks], stats["arrival_s"][ks]
+                    "deliver",
+                    round_,
+                    g,
+                    [nodes[k].id for k in ks],
+                    weights[ks],
+                    stats["arrival_s"][ks],
                 )
                 for g, ks in by_gateway.items()
             ]
@@ -468,6 +510,14 @@ class CohortHost(Placed):
             return Encoded("f32", delta.shape, np.ascontiguousarray(delta, "<f4").tobytes(), {})
 
 
+def _clip(delta: np.ndarray, clip_norm: float) -> np.ndarray:
+    """The device's DP clipping: scale down to L2 norm ``clip_norm`` (float32 kept)."""
+    n = float(np.linalg.norm(delta))
+    if n > clip_norm:
+        return (delta * np.float32(clip_norm / n)).astype(delta.dtype, copy=False)
+    return delta
+
+
 def samples_processed(num_samples: int, steps: int, batch_size: int) -> int:
     """Samples seen in a batch plan's first ``steps`` steps (an epoch's last batch is partial)."""
     if num_samples <= 0 or steps <= 0:
@@ -588,6 +638,9 @@ class GatewayHost(Placed):
         self._seed = seed
         self._buffer: dict[tuple[int, str], list[_Submission]] = {}
         self._late: dict[str, list[_Late]] = {g: [] for g in self._gateways}
+        # Secure modes: what went to the cloud parties, kept until the round is done (a
+        # retry with a fresh party group needs it again).
+        self._sent: dict[tuple[int, str], list[Any]] = {}
         # Asynchronous mode: updates held until a flush, keyed by (gateway, (device, cycle)).
         self._held: dict[tuple[str, tuple[int, int]], tuple[str, Encoded, float]] = {}
         # Socket transports: real gateway intakes, one per hosted logical gateway.
@@ -633,14 +686,21 @@ class GatewayHost(Placed):
         return str(self._require_intakes().open_round(round_, params, opened_at))
 
     def deliver(
-        self, round_: int, gateway: str, devices: list[str], arrivals: np.ndarray
+        self,
+        round_: int,
+        gateway: str,
+        devices: list[str],
+        weights: np.ndarray,
+        arrivals: np.ndarray,
     ) -> int:
         """Buffer the updates ``gateway``'s intake accepted from ``devices``, as ``submit`` does.
 
-        ``arrivals`` are the devices' virtual arrival times (out of band: the virtual
-        clock, not the socket, decides on-time vs late). The weight is the sample
-        count the device signed; a device whose update was refused is skipped (its
-        reason is in ``end_round``). Returns how many were buffered.
+        ``weights`` and ``arrivals`` are the devices' aggregation weights and virtual
+        arrival times (out of band: the virtual clock, not the socket, decides
+        on-time vs late). The update is the one the intake decoded and validated,
+        handed on as float32 (decoding it again gives the same values). A device
+        whose update was refused is skipped (its reason is in ``end_round``).
+        Returns how many were buffered.
         """
         got = self._require_intakes().take(round_, gateway, devices)
         keep = [k for k, a in enumerate(got) if a is not None]
@@ -651,7 +711,7 @@ class GatewayHost(Placed):
             gateway,
             [devices[k] for k in keep],
             [Encoded("f32", (self._num_params,), got[k].delta.tobytes(), {}) for k in keep],
-            np.array([float(got[k].samples) for k in keep]),
+            np.asarray(weights, dtype=np.float64)[keep],
             np.asarray(arrivals, dtype=np.float64)[keep],
         )
 
@@ -681,14 +741,17 @@ class GatewayHost(Placed):
         quorum_counts: Mapping[str, int | None] | None = None,
         late_policy: str = "drop",
         staleness_exponent: float = 0.5,
+        privacy: GatewayPrivacy | None = None,
     ) -> list[dict[str, Any]]:
-        """Close every hosted gateway's round: aggregate on-time updates, time the uplink.
+        """Close every hosted gateway's round: aggregate on-time updates, uplink, time it.
 
         Late updates are dropped, or with ``late_policy="fold"`` kept and added to
-        the next round's aggregate with a staleness-discounted weight.
+        the next round's aggregate with a staleness-discounted weight. With a
+        secure ``privacy`` mode the gateway sends its shares (or, in
+        ``device-shares`` mode, its masked sum and device lists) straight to the
+        cloud parties and returns only public totals: no plaintext sum leaves it.
         """
-        from devices.codecs import CodecError, decode
-
+        privacy = privacy or GatewayPrivacy("none")
         out = []
         for g, node in self._gateways.items():
             subs = self._buffer.pop((round_, g), [])
@@ -698,53 +761,151 @@ class GatewayHost(Placed):
             arrivals = [float(a) for s in subs for a in s.arrivals]
             q = (quorum_counts or {}).get(g)
             closed = close_gateway(arrivals, deadline_s, starts[g], q)
-            partial = PartialAggregate.empty(g, round_, self._num_params)
             rejected: dict[str, int] = {}
-            folded = 0
-            for late in self._late[g]:
-                w = late.weight * staleness_weight(round_ - late.round, staleness_exponent)
-                partial.add(late.device, late.delta, w)
-                folded += 1
-            self._late[g] = []
-            keep = [(i, True) for i in closed.included]
-            if late_policy == "fold":
-                keep += [(i, False) for i in closed.stragglers]
-            rows, names, ws = [], [], []
-            for i, on_time in keep:
-                try:
-                    delta = decode(updates[i], max_elements=self._num_params)
-                    if delta.shape != (self._num_params,):
-                        raise CodecError("bad-shape", f"update has shape {delta.shape}")
-                except CodecError as e:
-                    rejected[e.reason] = rejected.get(e.reason, 0) + 1
-                    continue
-                if on_time:
-                    rows.append(delta)
-                    names.append(devices[i])
-                    ws.append(weights[i])
-                else:
-                    self._late[g].append(_Late(devices[i], delta, weights[i], round_))
-            if rows:
-                partial.add_batch(names, np.stack(rows), np.asarray(ws))
+            if privacy.mode == "device-shares":
+                folded = 0
+                messages, count, weight = self._masked_uplink(
+                    g, round_, [updates[i] for i in closed.included], privacy, rejected
+                )
+                partial = None
+            else:
+                partial, folded = self._aggregate(
+                    g,
+                    round_,
+                    closed,
+                    devices,
+                    updates,
+                    weights,
+                    late_policy,
+                    staleness_exponent,
+                    privacy,
+                    rejected,
+                )
+                count, weight = partial.count, partial.total_weight
+                messages = []
+                if privacy.mode == "gateway-trusted" and partial.count > 0:
+                    from gateway.secret_sharing import share_partial_compact
+
+                    messages = share_partial_compact(partial, len(privacy.parties))
+            if privacy.mode == "none":
+                assert partial is not None
+                nbytes, failed = partial.nbytes, []
+            else:
+                nbytes = sum(m.nbytes for m in messages)
+                self._sent[(round_, g)] = messages
+                failed = _deliver(messages, privacy.parties)
+                partial = None  # the plaintext sum never leaves the gateway
             uplink = gateway_uplink(
-                node, self._index[g], seed=self._seed, round_=round_, nbytes=partial.nbytes
+                node, self._index[g], seed=self._seed, round_=round_, nbytes=nbytes
             )
             out.append(
                 {
+                    "gateway": g,
                     "partial": partial,
+                    "count": count,
+                    "total_weight": weight,
                     "close_s": closed.close_s,
                     "uplink_s": uplink,
-                    "uplink_bytes": partial.nbytes,
+                    "uplink_bytes": nbytes,
+                    "undelivered_parties": failed,
                     "stragglers": len(closed.stragglers),
                     "rejected": sum(rejected.values()),
                     "rejected_by_reason": rejected,
                     "folded": folded,
                 }
             )
-        # Drop buffers of rounds that were never closed (a crashed driver loop).
+        # Drop buffers of rounds that were never closed (a crashed driver loop), and
+        # shares kept for a retry of rounds the cloud has finished.
         for key in [k for k in self._buffer if k[0] < round_]:
             del self._buffer[key]
+        for key in [k for k in self._sent if k[0] < round_]:
+            del self._sent[key]
         return out
+
+    def resubmit(self, round_: int, parties: Sequence[Handle]) -> list[int]:
+        """Send this round's shares/forwards again, to a fresh party group; failed ranks."""
+        failed: set[int] = set()
+        for (r, _g), messages in self._sent.items():
+            if r == round_:
+                failed.update(_deliver(messages, parties))
+        return sorted(failed)
+
+    def _aggregate(
+        self,
+        g: str,
+        round_: int,
+        closed: Any,
+        devices: list[str],
+        updates: list[Any],
+        weights: list[float],
+        late_policy: str,
+        staleness_exponent: float,
+        privacy: GatewayPrivacy,
+        rejected: dict[str, int],
+    ) -> tuple[PartialAggregate, int]:
+        """Decode, check and sum the on-time updates (plus folded late ones) of gateway ``g``."""
+        from devices.codecs import CodecError, decode
+
+        partial = PartialAggregate.empty(g, round_, self._num_params)
+        folded = 0
+        for late in self._late[g]:
+            w = late.weight * staleness_weight(round_ - late.round, staleness_exponent)
+            partial.add(late.device, late.delta, w)
+            folded += 1
+        self._late[g] = []
+        keep = [(i, True) for i in closed.included]
+        if late_policy == "fold":
+            keep += [(i, False) for i in closed.stragglers]
+        rows, names, ws = [], [], []
+        for i, on_time in keep:
+            try:
+                delta = decode(updates[i], max_elements=self._num_params)
+                if delta.shape != (self._num_params,):
+                    raise CodecError("bad-shape", f"update has shape {delta.shape}")
+            except CodecError as e:
+                rejected[e.reason] = rejected.get(e.reason, 0) + 1
+                continue
+            if privacy.clip_norm is not None:
+                clipped = clip_check(delta, privacy.clip_norm)
+                if clipped is None:  # the device did not clip: refuse, as a real gateway would
+                    rejected["norm-bound"] = rejected.get("norm-bound", 0) + 1
+                    continue
+                delta = clipped
+            if on_time:
+                rows.append(delta)
+                names.append(devices[i])
+                ws.append(weights[i])
+            else:
+                self._late[g].append(_Late(devices[i], delta, weights[i], round_))
+        if rows:
+            partial.add_batch(names, np.stack(rows), np.asarray(ws))
+        return partial, folded
+
+    def _masked_uplink(
+        self,
+        g: str,
+        round_: int,
+        updates: list[Any],
+        privacy: GatewayPrivacy,
+        rejected: dict[str, int],
+    ) -> tuple[list[Any], int, float]:
+        """``device-shares``: sum the on-time masked updates blind; the per-party forwards."""
+        from devices.reasons import Rejection
+        from gateway.masked_sum import MaskedSum
+
+        ms = MaskedSum(
+            g,
+            round_,
+            self._num_params,
+            len(privacy.parties),
+            seal_to_party0=privacy.seal_to_party0,
+        )
+        for u in updates:
+            try:
+                ms.add(u)
+            except Rejection as e:
+                rejected[e.reason] = rejected.get(e.reason, 0) + 1
+        return ms.forwards(per_device=privacy.per_device_units), ms.count, ms.total_weight
 
     def receive(
         self,
@@ -812,6 +973,44 @@ class GatewayHost(Placed):
         }
 
 
+def _deliver(messages: Sequence[Any], parties: Sequence[Handle]) -> list[int]:
+    """Send shares / seed shares / forwards to their parties; the ranks that did not take them.
+
+    A dead or failing party is reported, not raised: the cloud's agreement then
+    excludes what it lacks, or the round fails there cleanly and is retried.
+    """
+    from gateway.masked_sum import PartyForward
+    from gateway.secret_sharing import SeedShare, SharedPartial
+
+    calls: list[tuple[int, Any]] = []
+    forwards: dict[int, list[PartyForward]] = {}
+    for m in messages:
+        if isinstance(m, PartyForward):
+            forwards.setdefault(m.party, []).append(m)
+        elif isinstance(m, SeedShare):
+            calls.append((m.party, parties[m.party].call("submit_seed", m)))
+        elif isinstance(m, SharedPartial):
+            calls.append(
+                (
+                    m.party,
+                    parties[m.party].call(
+                        "submit_share", m.round, m.gateway, m.share, m.total_weight, m.count
+                    ),
+                )
+            )
+        else:  # pragma: no cover - programming error
+            raise TypeError(f"cannot deliver {type(m).__name__}")
+    for k, fs in forwards.items():
+        calls.append((k, parties[k].call("submit_forwards", fs)))
+    failed: set[int] = set()
+    for rank, ref in calls:
+        try:
+            gather([ref])
+        except Exception:  # the party died or refused: the cloud phase deals with it
+            failed.add(rank)
+    return sorted(failed)
+
+
 class CoordinatorHost(Placed):
     """The cloud coordinator: applies partial aggregates, versions, evaluates."""
 
@@ -846,8 +1045,33 @@ class CoordinatorHost(Placed):
     def params(self) -> np.ndarray:
         return self._coord.params
 
-    def apply(self, round_: int, partials: Sequence[PartialAggregate]) -> dict[str, Any]:
-        applied = self._coord.apply(round_, partials)
+    def apply(
+        self,
+        round_: int,
+        partials: Sequence[PartialAggregate],
+        noise_std: float = 0.0,
+        noise_seed: int = 0,
+    ) -> dict[str, Any]:
+        """Plaintext path (``--no-smpc``): combine partials; central DP noise if asked for."""
+        from gateway.partial_aggregate import combine
+
+        delivered = [p for p in partials if p.count > 0]
+        total, weight, count = combine(delivered, self._coord.params.shape[0])
+        if noise_std > 0 and count > 0:
+            rng = np.random.default_rng([noise_seed, round_, 0xD9])
+            total = total + rng.normal(0.0, noise_std, size=total.shape)
+        return self._applied(self._coord.apply_sum(round_, total, weight, count, len(delivered)))
+
+    def apply_sum(
+        self, round_: int, total: np.ndarray, weight: float, count: int, gateways: int
+    ) -> dict[str, Any]:
+        """Secure path: the parties' revealed (noisy) sum with the gateways' public totals."""
+        return self._applied(
+            self._coord.apply_sum(round_, np.asarray(total, np.float64), weight, count, gateways)
+        )
+
+    @staticmethod
+    def _applied(applied: Any) -> dict[str, Any]:
         return {
             "version": applied.version.version,
             "hash": applied.version.hash,

@@ -135,6 +135,14 @@ class RayBackend(Backend):
                 kwargs["object_store_memory"] = 512 * 1024 * 1024
             ray.init(**kwargs)
 
+    def driver_node_ip(self) -> str:
+        """The address of the Ray node this driver runs on, as the cluster knows it."""
+        me = self._ray.get_runtime_context().get_node_id()
+        for node in self._ray.nodes():
+            if node.get("NodeID") == me:
+                return str(node["NodeManagerAddress"])
+        return str(self._ray.util.get_node_ip_address())
+
     def spawn(
         self,
         cls: type,

@@ -220,6 +220,74 @@ def _add_emulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         default=None,
         help="async: updates a gateway buffers before it flushes (default: half its devices)",
     )
+    pv = p.add_argument_group(
+        "privacy (secure aggregation and differential privacy)",
+        "By default (Ray backend, sync rounds) gateways secret-share their partial aggregates "
+        "to K CrypTen aggregator parties, one process each, which reveal only the (noisy) sum.",
+    )
+    pv.add_argument(
+        "--privacy",
+        choices=("auto", "gateway-trusted", "device-shares", "none"),
+        default="auto",
+        help="gateway-trusted: gateways secret-share their sums; device-shares: devices mask "
+        "their updates so the gateway learns nothing either; none: plaintext sums; auto: "
+        "gateway-trusted on the Ray backend in sync mode, none otherwise (the report says why)",
+    )
+    pv.add_argument(
+        "--no-smpc",
+        action="store_true",
+        help="same as --privacy none: plaintext partial aggregates, to compare against",
+    )
+    pv.add_argument(
+        "--smpc-parties",
+        type=_number(int, minimum=2),
+        default=3,
+        help="K cloud aggregator parties (2-7)",
+    )
+    pv.add_argument(
+        "--clip-norm",
+        type=_number(float, minimum=0, strict=True),
+        default=None,
+        help="C: devices clip their update to this L2 norm; gateways check it again",
+    )
+    pv.add_argument(
+        "--noise-multiplier",
+        type=_number(float, minimum=0),
+        default=0.0,
+        help="sigma: the parties jointly add N(0, sigma^2 C^2) to the revealed sum (needs "
+        "--clip-norm; devices then weigh 1 each, so one device moves the sum by <= C)",
+    )
+    pv.add_argument(
+        "--epsilon-budget",
+        type=_number(float, minimum=0, strict=True),
+        default=None,
+        help="stop (keeping the last model) before a round would take epsilon past this",
+    )
+    pv.add_argument(
+        "--delta",
+        type=_number(float, minimum=0, strict=True),
+        default=1e-5,
+        help="the delta of the (epsilon, delta) reported per round",
+    )
+    pv.add_argument(
+        "--secure-clip",
+        type=_number(float, minimum=0, strict=True),
+        default=None,
+        help="bound each gateway's (device-shares: each device's) contribution to this L2 "
+        "norm inside SMPC, with CrypTen comparisons: a scaled-up contribution cannot dominate",
+    )
+    pv.add_argument(
+        "--smpc-retries",
+        type=_number(int, minimum=0),
+        default=1,
+        help="a round whose SMPC fails is retried this many times on a fresh party group",
+    )
+    pv.add_argument(
+        "--dropout",
+        type=_number(float, minimum=0),
+        default=0.0,
+        help="share of selected, reachable devices that drop out before reporting",
+    )
     p.add_argument(
         "--transport",
         choices=TRANSPORTS,
@@ -237,6 +305,7 @@ def _add_emulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 def _run_emulate(args: argparse.Namespace) -> int:
     from hierarchy.emulate import EmulationConfig, LocalConfig, run_emulation
+    from hierarchy.privacy import PrivacyConfig
     from hierarchy.topology import TopologyError, load_topology
     from hierarchy.uplink import UplinkConfig
 
@@ -282,8 +351,22 @@ def _run_emulate(args: argparse.Namespace) -> int:
         adaptive_work=args.adaptive_work,
         mode=args.mode,
         buffer_size=args.buffer_size,
+        privacy=PrivacyConfig(
+            mode="none" if args.no_smpc else args.privacy,
+            parties=args.smpc_parties,
+            noise_multiplier=args.noise_multiplier,
+            clip_norm=args.clip_norm,
+            secure_clip=args.secure_clip,
+            epsilon_budget=args.epsilon_budget,
+            delta=args.delta,
+            retries=args.smpc_retries,
+        ),
+        dropout=args.dropout,
         transport=args.transport,
     )
+    if args.no_smpc and args.privacy not in ("auto", "none"):
+        print(f"error: --no-smpc contradicts --privacy {args.privacy}", file=sys.stderr)
+        return 2
     try:
         cfg.validate()
     except ValueError as e:
@@ -292,6 +375,20 @@ def _run_emulate(args: argparse.Namespace) -> int:
     report = run_emulation(cfg, progress=not args.quiet, topo=topo)
     s = report["summary"]
     acc = s["final_accuracy"]
+    pv = report["privacy"]
+    eps = f", epsilon {pv['epsilon']:.3f} (delta {pv['delta']:g})" if pv["epsilon"] else ""
+    print(
+        f"privacy: {pv['mode']}"
+        + (f" with {pv['parties']} SMPC parties" if pv["parties"] else "")
+        + (f" ({pv['why']})" if pv["why"] else "")
+        + eps
+    )
+    stopped = report.get("stopped")
+    if stopped:
+        print(f"stopped: {stopped['message']}")
+    if not report["rounds"]:
+        print(f"no round ran; report: {args.out / 'report.json'}")
+        return 1 if stopped and stopped["kind"] == "smpc-failure" else 0
     print(
         f"{report['topology']['devices']} devices, {report['topology']['gateways']} gateways, "
         f"{len(report['rounds'])} rounds: final accuracy {acc:.4f}, "
@@ -300,7 +397,7 @@ def _run_emulate(args: argparse.Namespace) -> int:
         f"(emulated), wall {s['wall_total_s']:.1f} s"
     )
     print(f"report: {args.out / 'report.json'}")
-    return 0
+    return 1 if stopped and stopped["kind"] == "smpc-failure" else 0
 
 
 def _add_unavailable(sub: argparse._SubParsersAction, name: str, err: ImportError) -> None:  # type: ignore[type-arg]

@@ -31,6 +31,15 @@ from hierarchy.actors import (
 )
 from hierarchy.backend import Backend, LocalBackend, RayBackend, gather, put
 from hierarchy.placement import plan_placement
+from hierarchy.privacy import (
+    SECURE_MODES,
+    DevicePrivacy,
+    GatewayPrivacy,
+    PrivacyConfig,
+    resolve_mode,
+    sampling_rate,
+    smpc_seconds,
+)
 from hierarchy.timeline import STREAM_AVAIL, energy_mwh, gateway_model_arrival, quorum_count
 from hierarchy.topology import Topology, load_topology
 from hierarchy.transport import SOCKET_TRANSPORTS, TRANSPORTS, DeviceTransport, GatewayTransport
@@ -41,6 +50,15 @@ BACKENDS = ("ray", "local")
 LATE_POLICIES = ("drop", "fold")
 MODES = ("sync", "async")
 STREAM_SAMPLE = 101
+STREAM_DROPOUT = 102
+
+
+class RunStopped(RuntimeError):
+    """The run ended before its last round (privacy budget, or SMPC failed after retries)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -83,6 +101,8 @@ class EmulationConfig:
     adaptive_work: bool = False
     mode: str = "sync"  # "async": FedBuff-style buffered rounds (hierarchy.async_emulate)
     buffer_size: int | None = None  # async: updates per gateway flush (default: half its devices)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    dropout: float = 0.0  # share of reachable selected devices that drop before reporting
     # How updates reach the gateways: "direct" (in-process hand-over), or each device's real
     # signed envelope over real CoAP / MQTT on loopback (hierarchy.transport).
     transport: str = "direct"
@@ -143,6 +163,12 @@ class EmulationConfig:
                 "gateway intake takes updates for one round and model version at a time; "
                 "use --transport direct for async runs"
             )
+        if self.transport != "direct" and self.privacy.mode == "device-shares":
+            raise ValueError(
+                f"--transport {self.transport} carries codec-encoded updates in signed envelopes; "
+                "device-shares updates are masked ring values: use --privacy gateway-trusted or "
+                "--no-smpc with it"
+            )
         if self.transport != "direct" and self.ray_address:
             raise ValueError(
                 f"--transport {self.transport} runs its gateway servers on loopback, so every "
@@ -161,6 +187,23 @@ class EmulationConfig:
             ):
                 if used:
                     raise ValueError(f"{flag} is a synchronous-round option; not with --mode async")
+        self.privacy.validate()
+        resolve_mode(self.privacy, self.backend, self.mode == "async")  # impossible combinations
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.mode == "async" and self.dropout > 0:
+            raise ValueError("dropout is a synchronous-round option; not with --mode async")
+        if self.privacy.mode == "device-shares":
+            if self.late_policy != "drop":
+                raise ValueError(
+                    "device-shares masks are bound to their round: late updates cannot be "
+                    "folded into the next one (use --late drop)"
+                )
+            if self.uplink.codec != "f32":
+                raise ValueError(
+                    "device-shares devices send masked ring values, which no codec can "
+                    f"compress: drop --codec {self.uplink.codec}"
+                )
         for name in ("trainers", "gateway_hosts"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -219,6 +262,20 @@ class Emulation:
         )
         self.clock_s = 0.0  # emulated seconds before the next round (envelope timestamps)
         self.broker: Any = None  # the MQTT transport's mosquitto (owned by this driver)
+        self.privacy, self.privacy_note = resolve_mode(
+            cfg.privacy, cfg.backend, cfg.mode == "async"
+        )
+        self.secure: Any = None  # cloud.secure_aggregator.SecureAggregator when SMPC is on
+        self._party_keys: tuple[str, ...] = ()
+        self.accountant: Any = None
+        if cfg.privacy.dp:
+            from cloud.accountant import PrivacyAccountant
+
+            self.accountant = PrivacyAccountant(
+                cfg.privacy.noise_multiplier,
+                sampling_rate(cfg.participation, cfg.over_select, float(self._availability.mean())),
+                cfg.privacy.delta,
+            )
         t0 = time.perf_counter()
         self.backend = _make_backend(cfg)
         try:
@@ -307,6 +364,8 @@ class Emulation:
             )
             for idx in self.placement.trainers
         ]
+        if self.privacy in SECURE_MODES:
+            self._start_parties()
         # Wait until every actor is up (trainers have loaded their data) so set-up time is
         # honest, and record where each landed.
         spots = gather([a.call("where") for a in [self.coordinator, *self.hosts, *self.trainers]])
@@ -314,6 +373,9 @@ class Emulation:
             "coordinator": spots[0],
             "hosts": spots[1 : 1 + len(self.hosts)],
             "trainers": spots[1 + len(self.hosts) :],
+            "parties": gather([h.call("where") for h in self.secure.party_handles])
+            if self.secure is not None
+            else [],
         }
 
     def _host_transport(
@@ -344,6 +406,52 @@ class Emulation:
                 self.broker.close()
                 self.broker = None
 
+    def _start_parties(self) -> None:
+        """K CrypTen aggregator parties (one process each; + a dealer for the secure clip)."""
+        pc = self.cfg.privacy
+        kwargs: dict[str, Any] = dict(
+            parties=pc.parties, norm_bounding=pc.secure_clip is not None, threads=1
+        )
+        if self.cfg.ray_address:
+            # On a cluster the parties run on the driver's (head, "cloud") node: rank 0
+            # serves the gloo rendezvous at this node's address, which the others dial.
+            ip = self.backend.driver_node_ip()  # type: ignore[attr-defined]
+            kwargs.update(host=ip, resources={f"node:{ip}": 0.001})
+        if self.privacy == "device-shares":
+            from cloud.party_keys import generate_party_keys, public_keys
+            from cloud.unmask import DeviceSharesAggregator
+
+            keys = generate_party_keys(pc.parties)
+            self._party_keys = tuple(k.hex() for k in public_keys(keys).keys)
+            self.secure = DeviceSharesAggregator(
+                self.backend, keys=keys, seal_to_party0=pc.seal_to_party0, **kwargs
+            )
+        else:
+            from cloud.secure_aggregator import SecureAggregator
+
+            self.secure = SecureAggregator(self.backend, **kwargs)
+
+    def device_privacy(self) -> DevicePrivacy:
+        pc = self.cfg.privacy
+        return DevicePrivacy(
+            self.privacy,
+            clip_norm=pc.clip_norm,
+            uniform_weights=pc.dp,
+            party_keys=self._party_keys,
+            seal_to_party0=pc.seal_to_party0,
+        )
+
+    def gateway_privacy(self) -> GatewayPrivacy:
+        pc = self.cfg.privacy
+        return GatewayPrivacy(
+            self.privacy,
+            parties=tuple(self.secure.party_handles) if self.secure is not None else (),
+            clip_norm=pc.clip_norm if self.privacy != "device-shares" else None,
+            uniform_weights=pc.dp,
+            per_device_units=self.privacy == "device-shares" and pc.secure_clip is not None,
+            seal_to_party0=pc.seal_to_party0,
+        )
+
     def describe_placement(self) -> dict[str, Any]:
         """Which process/node hosts what: the logical tree mapped onto actors."""
         return {
@@ -357,6 +465,7 @@ class Emulation:
                 {"devices": len(idx), **w}
                 for idx, w in zip(self.placement.trainers, self._where["trainers"], strict=True)
             ],
+            "smpc_parties": self._where["parties"],
         }
 
     def select(self, round_: int) -> dict[str, Any]:
@@ -381,10 +490,19 @@ class Emulation:
             sampled = np.sort(rng.choice(eligible, size=k, replace=False)) if k else eligible[:0]
         u = np.random.default_rng([cfg.seed, round_, STREAM_AVAIL]).random(avail.size)
         reachable = sampled[u[sampled] < avail[sampled]]
+        dropped = 0
+        if cfg.dropout > 0:
+            # Selected and reachable, but gone before reporting (app killed, out of
+            # coverage): counted in the quorum's denominator, never heard from.
+            v = np.random.default_rng([cfg.seed, round_, STREAM_DROPOUT]).random(avail.size)
+            stay = reachable[v[reachable] >= cfg.dropout]
+            dropped = int(reachable.size - stay.size)
+            reachable = stay
         return {
             "sampled": sampled,
             "reachable": [int(i) for i in reachable],
-            "unavailable": int(sampled.size - reachable.size),
+            "unavailable": int(sampled.size - reachable.size) - dropped,
+            "dropped": dropped,
             "battery_skipped": int(avail.size - eligible.size),
         }
 
@@ -419,6 +537,7 @@ class Emulation:
                     cfg.uplink,
                     cfg.deadline_s,
                     cfg.adaptive_work,
+                    self.device_privacy(),
                     self.clock_s,
                 )
                 for t in self.trainers
@@ -444,6 +563,7 @@ class Emulation:
                         quorums,
                         cfg.late_policy,
                         cfg.staleness_exponent,
+                        self.gateway_privacy(),
                     )
                     for h in self.hosts
                 ]
@@ -466,14 +586,41 @@ class Emulation:
         )
         stats["energy_mwh"] = energy
         self.battery[stats["device"]] -= energy
-        partials: list[PartialAggregate] = [c["partial"] for c in closes]
-        applied = gather([self.coordinator.call("apply", round_, partials)])[0]
+        wall_close = time.perf_counter() - wall0 - wall_train
+        if self.secure is not None:
+            applied, secure = self._secure_apply(round_, closes)
+        else:
+            partials: list[PartialAggregate] = [c["partial"] for c in closes]
+            noise = cfg.privacy.noise_std  # --no-smpc with DP: central noise, the cloud sees sums
+            applied = gather([self.coordinator.call("apply", round_, partials, noise, cfg.seed)])[0]
+            secure = {"mode": "none", "smpc_s": 0.0}
+        if self.accountant is not None:
+            secure["epsilon"] = self.accountant.step()
+            secure["delta"] = self.accountant.delta
+        # Wall time by phase: training (+ device-side compression/masking), gateway close
+        # (+ sharing), cloud (SMPC or plaintext apply).
+        wall_phases = {
+            "wall_train_s": wall_train,
+            "wall_close_s": wall_close,
+            "wall_cloud_s": time.perf_counter() - wall0 - wall_train - wall_close,
+        }
         evaluation: dict[str, float] = {}
         if round_ % cfg.eval_every == 0 or round_ == cfg.rounds:
             evaluation = gather([self.coordinator.call("evaluate")])[0]
         wall = time.perf_counter() - wall0
         rec = self._record(
-            round_, stats, closes, starts, applied, evaluation, sel, wall, wall_train, m_bytes
+            round_,
+            stats,
+            closes,
+            starts,
+            applied,
+            evaluation,
+            sel,
+            wall,
+            wall_train,
+            m_bytes,
+            secure,
+            wall_phases,
         )
         rec["wall_transport_s"] = wall_transport
         rec["transport_rtt_s"] = _percentiles(stats["transport_rtt_s"])
@@ -495,6 +642,76 @@ class Emulation:
                 c["rejected_by_reason"][reason] = c["rejected_by_reason"].get(reason, 0) + n
                 c["rejected"] += n
 
+    def check_budget(self, round_: int) -> None:
+        """Before a round: stop if running it would take epsilon past the budget."""
+        budget = self.cfg.privacy.epsilon_budget
+        if self.accountant is None or budget is None or not self.accountant.would_exceed(budget):
+            return
+        done = self.accountant.rounds
+        raise RunStopped(
+            "privacy-budget",
+            f"privacy budget reached: round {round_} would take epsilon to "
+            f"{self.accountant.epsilon_after(done + 1):.3f} > {budget:g} "
+            f"(delta {self.accountant.delta:g}); stopped after {done} round(s) at epsilon "
+            f"{self.accountant.epsilon():.3f}, the last model is kept",
+        )
+
+    def _secure_apply(
+        self, round_: int, closes: list[dict[str, Any]]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The cloud phase: the parties agree, sum, add noise, reveal; retry on a fresh group.
+
+        A round whose SMPC fails (a party died, timed out or errored) reveals
+        nothing; the group is replaced, the gateways resend what they sent, and
+        the round is tried again up to ``retries`` times, then the run stops.
+        """
+        from cloud.secure_aggregator import SecureAggregationError
+
+        pc = self.cfg.privacy
+        info: dict[str, Any] = {"mode": self.privacy, "parties": pc.parties, "restarts": 0}
+        if not any(c["count"] > 0 for c in closes):
+            for h in self.secure.party_handles:
+                h.call("drop_round", round_)
+            applied = gather(
+                [self.coordinator.call("apply_sum", round_, np.zeros(self.num_params), 0.0, 0, 0)]
+            )[0]
+            return applied, {**info, "smpc_s": 0.0, "smpc_wall_s": 0.0, "party_bytes": 0}
+        errors: list[str] = []
+        while True:
+            try:
+                res = self.secure.aggregate(round_, None, pc.noise_std, pc.secure_clip)
+                break
+            except SecureAggregationError as exc:
+                errors.append(str(exc))
+                if len(errors) > pc.retries:
+                    raise RunStopped(
+                        "smpc-failure",
+                        f"round {round_}: secure aggregation failed "
+                        f"{len(errors)} time(s), nothing was revealed; last error: {exc}",
+                    ) from exc
+                self.secure.restart()
+                gather([h.call("resubmit", round_, self.secure.party_handles) for h in self.hosts])
+                info["restarts"] += 1
+        info["errors"] = errors
+        applied = gather(
+            [
+                self.coordinator.call(
+                    "apply_sum", round_, res.values, res.total_weight, res.count, len(res.gateways)
+                )
+            ]
+        )[0]
+        info.update(
+            smpc_s=smpc_seconds(
+                res.comm_rounds, res.party_bytes, pc.party_latency_ms, pc.party_mbps
+            ),
+            smpc_wall_s=res.seconds,
+            party_bytes=res.party_bytes,
+            comm_rounds=res.comm_rounds,
+            excluded=res.excluded,
+            noise_std=res.noise_std,
+        )
+        return applied, info
+
     def _record(
         self,
         round_: int,
@@ -507,10 +724,15 @@ class Emulation:
         wall: float,
         wall_train: float,
         m_bytes: int,
+        secure: dict[str, Any] | None = None,
+        wall_phases: dict[str, float] | None = None,
     ) -> dict[str, Any]:
+        secure = secure or {"mode": "none", "smpc_s": 0.0}
         arrivals = stats["arrival_s"]
-        ends = {c["partial"].gateway: c["close_s"] + c["uplink_s"] for c in closes}
-        round_s = max(ends.values()) if ends else 0.0
+        ends = {c["gateway"]: c["close_s"] + c["uplink_s"] for c in closes}
+        # The parties start once the last uplink has landed; their protocol is on the clock.
+        smpc_s = float(secure.get("smpc_s", 0.0))
+        round_s = (max(ends.values()) if ends else 0.0) + smpc_s
         # Critical path: the gateway whose uplink lands last, and its slowest on-time device.
         last_gw = max(ends, key=lambda g: ends[g]) if ends else None
         crit = {
@@ -520,9 +742,10 @@ class Emulation:
             "device_upload": 0.0,
             "gateway_wait": 0.0,
             "gateway_to_cloud": 0.0,
+            "cloud_smpc": smpc_s,
         }
         if last_gw is not None:
-            close = next(c for c in closes if c["partial"].gateway == last_gw)
+            close = next(c for c in closes if c["gateway"] == last_gw)
             crit["cloud_to_gateway"] = starts[last_gw]
             crit["gateway_to_cloud"] = close["uplink_s"]
             nodes = list(self.topo.devices.values())
@@ -559,6 +782,7 @@ class Emulation:
             "update_norm": applied["update_norm"],
             "selected": int(sel["sampled"].size),
             "unavailable": sel["unavailable"],
+            "dropped": sel.get("dropped", 0),
             "battery_skipped": sel["battery_skipped"],
             "participants": int(applied["devices"]) - folded,
             "folded_late": folded,
@@ -577,11 +801,13 @@ class Emulation:
                 "gateway_to_cloud": float(np.mean([c["uplink_s"] for c in closes]))
                 if closes
                 else 0.0,
+                "cloud_smpc": smpc_s,
             },
             "bytes": {
                 "device_up": int(stats["update_bytes"].sum()),
                 "device_down": int(stats["model_bytes"].sum()),
                 "gateway_up": int(sum(c["uplink_bytes"] for c in closes)),
+                "cloud_parties": int(secure.get("party_bytes", 0)),
                 "gateway_down": m_bytes * len(self.topo.gateways),
                 "update_bytes_mean": float(stats["update_bytes"].mean()) if n else 0.0,
                 "update_bytes_max": int(stats["update_bytes"].max()) if n else 0,
@@ -599,13 +825,19 @@ class Emulation:
                 ),
             },
             "steps_mean": float(stats["steps"].mean()) if n else 0.0,
+            "privacy": secure,
+            "epsilon": secure.get("epsilon"),
             "wall_s": wall,
-            "wall_train_s": wall_train,
+            **(wall_phases or {"wall_train_s": wall_train}),
         }
 
     def close(self) -> None:
         try:
-            self._stop_transport()
+            try:
+                self._stop_transport()
+            finally:
+                if self.secure is not None:
+                    self.secure.shutdown()
         finally:
             self.backend.shutdown()
 
@@ -625,10 +857,20 @@ def run_emulation(
     announce(cfg, progress)
     emu = Emulation(cfg, topo)
 
+    stopped: dict[str, Any] = {}
+
     def records() -> Iterator[dict[str, Any]]:
         t = 0.0
         for r in range(1, cfg.rounds + 1):
-            rec = emu.run_round(r)
+            try:
+                emu.check_budget(r)
+                rec = emu.run_round(r)
+            except RunStopped as exc:
+                # A clean stop: what ran is reported, the last applied model is kept.
+                stopped.update(kind=exc.kind, round=r, message=str(exc))
+                if progress:
+                    print(f"\n{exc}", file=sys.stderr, flush=True)
+                return
             t += rec["latency_s"]
             rec["time_s"] = t
             yield rec
@@ -643,8 +885,9 @@ def run_emulation(
         postfix=lambda rec: {"lat": f"{rec['latency_s']:.2f}s"},
     )
     report = build_report(emu, rounds, initial, time.perf_counter() - t_start)
+    report["stopped"] = stopped or None
     if cfg.out is not None:
-        write_report(report, cfg.out, plots=cfg.plots)
+        write_report(report, cfg.out, plots=cfg.plots and bool(rounds))
     return report
 
 
@@ -704,6 +947,8 @@ def build_report(
     accs = [r["accuracy"] for r in rounds if r["accuracy"] is not None]
     steady = rounds[1:] if len(rounds) > 1 else rounds
     steady_wall = sum(r["wall_s"] for r in steady)
+    lat = [r["latency_s"] for r in rounds] or [0.0]
+    eps = [r["epsilon"] for r in rounds if r.get("epsilon") is not None]
     return {
         "tierfl": "0.1.0",
         "config": {
@@ -722,14 +967,26 @@ def build_report(
             "initial_hash": emu.initial_hash,
         },
         "placement": emu.describe_placement(),
+        "privacy": {
+            "mode": emu.privacy,
+            "why": emu.privacy_note,
+            "parties": cfg.privacy.parties if emu.privacy != "none" else 0,
+            "noise_multiplier": cfg.privacy.noise_multiplier,
+            "clip_norm": cfg.privacy.clip_norm,
+            "secure_clip": cfg.privacy.secure_clip,
+            "delta": cfg.privacy.delta if emu.accountant is not None else None,
+            "sampling_rate": emu.accountant.sampling_rate if emu.accountant is not None else None,
+            "epsilon": eps[-1] if eps else (0.0 if emu.accountant is not None else None),
+            "epsilon_budget": cfg.privacy.epsilon_budget,
+        },
         "initial": initial,
         "rounds": rounds,
         "summary": {
             "final_accuracy": accs[-1] if accs else None,
             "best_accuracy": max(accs) if accs else None,
             "emulated_time_s": float(sum(r["latency_s"] for r in rounds)),
-            "round_latency_p50_s": float(np.median([r["latency_s"] for r in rounds])),
-            "round_latency_p95_s": float(np.percentile([r["latency_s"] for r in rounds], 95)),
+            "round_latency_p50_s": float(np.median(lat)),
+            "round_latency_p95_s": float(np.percentile(lat, 95)),
             "total_bytes_up": int(
                 sum(r["bytes"]["device_up"] + r["bytes"]["gateway_up"] for r in rounds)
             ),

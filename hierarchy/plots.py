@@ -47,6 +47,7 @@ def plot_report(report: dict[str, Any], out: Path) -> list[Path]:
         "device_upload",
         "gateway_wait",
         "gateway_to_cloud",
+        "cloud_smpc",
     ]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     x = np.array([r["round"] for r in rounds])
@@ -73,8 +74,11 @@ def plot_report(report: dict[str, Any], out: Path) -> list[Path]:
         ("device_down", "gateway → device"),
         ("gateway_up", "gateway → cloud"),
         ("gateway_down", "cloud → gateway"),
+        ("cloud_parties", "between cloud parties (SMPC)"),
     ):
-        ax1.plot(x, [r["bytes"][key] / 1e6 for r in rounds], marker="o", ms=2, label=label)
+        ys = [r["bytes"].get(key, 0) / 1e6 for r in rounds]
+        if any(ys):
+            ax1.plot(x, ys, marker="o", ms=2, label=label)
     ax1.set_xlabel("round")
     ax1.set_ylabel("MB per round")
     ax1.set_yscale("log")

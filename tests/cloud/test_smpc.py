@@ -180,3 +180,37 @@ def test_a_party_lost_mid_round_fails_cleanly_without_a_reveal(stage, agg2):
     agg2.restart()
     _submit(agg2, r + 2, xs[:2])
     np.testing.assert_allclose(agg2.aggregate(r + 2).values, xs[0] + xs[1], atol=2 * 2.0**-17)
+
+
+def test_parties_take_seed_shares_and_reveal_the_same_sum(agg3):
+    agg = agg3
+    """Compact uplink: parties 0..K-2 expand their seed; the revealed sum is unchanged."""
+    from gateway.secret_sharing import SeedShare, share_vector_compact
+    from hierarchy.backend import gather
+
+    rng = np.random.default_rng(9)
+    xs = [rng.normal(scale=20.0, size=2000) - 5.0 for _ in range(4)]
+    for g, x in enumerate(xs):
+        for m in share_vector_compact(f"gw{g}", 40, x, 2.0, 3, 3):
+            if isinstance(m, SeedShare):
+                ref = agg.party_handles[m.party].call("submit_seed", m)  # as a gateway host does
+                assert gather([ref]) == [2000]
+            else:
+                agg.submit(m)
+    res = agg.aggregate(40)
+    np.testing.assert_allclose(res.values, np.sum(xs, axis=0), atol=4 * 2.0**-16)
+    assert res.count == 12 and res.total_weight == 8.0
+
+
+def test_five_parties_reveal_the_sum_of_many_gateways(backend):
+    """K = 5 (no dealer), 40 gateways with negative values: relative error <= 1e-4."""
+    with SecureAggregator(backend, parties=5, timeout_s=60) as agg:
+        rng = np.random.default_rng(5)
+        xs = [rng.normal(scale=30.0, size=1500) - 12.0 for _ in range(40)]
+        xs[3][:2] = [-20 + 5 / 65536, -7.5]
+        _submit(agg, 1, xs)
+        res = agg.aggregate(1)
+        plain = np.sum(xs, axis=0)
+        assert np.linalg.norm(res.values - plain) <= 1e-4 * np.linalg.norm(plain)
+        assert np.abs(res.values - plain).max() <= 40 * 2.0**-17
+        assert len(res.gateways) == 40 and res.share_bytes_in == 5 * 40 * 1500 * 8

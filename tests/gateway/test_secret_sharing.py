@@ -166,3 +166,40 @@ def test_secret_sharing_imports_without_torch_crypten_or_ray():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok []"
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_compact_shares_send_seeds_and_still_add_up(k):
+    """Parties 0..K-2 get a 32-byte seed each (fresh, distinct); the last the difference."""
+    from gateway.secret_sharing import SeedShare, share_vector_compact
+
+    rng = np.random.default_rng(k)
+    x = rng.normal(scale=100.0, size=5000) - 30.0
+    x[:2] = [-20 + 5 / 65536, -1e6]
+    msgs = share_vector_compact("gw1", 3, x, 12.0, 4, k)
+    assert [m.party for m in msgs] == list(range(k))
+    seeds = [m for m in msgs if isinstance(m, SeedShare)]
+    assert len(seeds) == k - 1 and len({m.seed for m in seeds}) == k - 1
+    assert all(m.nbytes < 100 for m in seeds) and msgs[-1].nbytes == 5000 * 8 + 64
+    expanded = [m.expand() if isinstance(m, SeedShare) else m for m in msgs]
+    assert all((e.total_weight, e.count, e.round) == (12.0, 4, 3) for e in expanded)
+    back = decode_fixed(reconstruct([e.share for e in expanded]))
+    np.testing.assert_allclose(back, x, atol=2.0**-16)
+    assert back[0] == -20 + 5 / 65536  # exact for a negative value CrypTen's decoder gets wrong
+    # A party's seed expands only its own share: party 0's seed under party 1's index is noise.
+    other = expand_mask(seeds[0].seed, 1, 5000)
+    assert not np.array_equal(other, expanded[1].share)
+
+
+def test_compact_last_share_is_uniform_whatever_the_value():
+    from gateway.secret_sharing import share_vector_compact
+
+    n = 1 << 16
+    rng = np.random.default_rng(3)
+    loud = rng.choice([-1.0, 1.0], size=n) * rng.uniform(1e8, 1e9, size=n)
+    h = [
+        np.bincount(_top_byte(share_vector_compact("g", 1, v, 1.0, 1, 3)[-1].share), minlength=256)
+        for v in (np.zeros(n), loud)
+    ]
+    assert stats.chisquare(h[0]).pvalue > 1e-4 and stats.chisquare(h[1]).pvalue > 1e-4
+    assert stats.chi2_contingency(np.stack(h)).pvalue > 1e-4

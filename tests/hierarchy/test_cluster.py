@@ -163,3 +163,9 @@ def test_gateway_is_placed_on_the_edge_node_that_advertises_it(cluster, tmp_path
     assert len(pinned) == 1 and pinned[0]["node"] == edge_node
     assert all("gw01" not in h["gateways"] for h in hosts if h is not pinned[0])
     assert report["rounds"][-1]["participants"] > 0
+    # SMPC is on by default; the parties run on the driver's (head, "cloud") node, where
+    # rank 0 serves the gloo rendezvous at that node's address.
+    assert report["privacy"]["mode"] == "gateway-trusted"
+    parties = report["placement"]["smpc_parties"]
+    assert len(parties) == 3 and len({p["node"] for p in parties}) == 1
+    assert all(p["node"] != edge_node for p in parties)

@@ -16,11 +16,19 @@ import pytest
 from devices.keys import generate_keypair, public_key_hex
 from hierarchy.cli import main
 from hierarchy.emulate import Emulation, EmulationConfig, LocalConfig, run_emulation
+from hierarchy.privacy import PrivacyConfig
 
 from .test_emulate import SMOKE
 
 # Wall-clock measurements differ between any two runs; everything else must not.
-WALL_KEYS = {"wall_s", "wall_train_s", "wall_transport_s", "transport_rtt_s"}
+WALL_KEYS = {
+    "wall_s",
+    "wall_train_s",
+    "wall_close_s",
+    "wall_cloud_s",
+    "wall_transport_s",
+    "transport_rtt_s",
+}
 
 
 def _cfg(transport: str, **kw: Any) -> EmulationConfig:
@@ -71,6 +79,8 @@ def test_same_seed_same_model_through_ray_actors():
 
     Two trainers in both runs (Ray's default on 2 CPUs): the placement, not the
     backend, decides how devices are batched, so the hashes must match exactly.
+    Plaintext aggregation (``--no-smpc``) on both sides: the in-process run has no
+    cloud parties, and SMPC's fixed-point sum is not what is compared here.
     """
     from hierarchy.backend import RayBackend
 
@@ -78,7 +88,10 @@ def test_same_seed_same_model_through_ray_actors():
     cluster = RayBackend(num_cpus=2)  # one cluster for both runs (Ray start-up is seconds)
     try:
         reports = {
-            t: run_emulation(_cfg(t, backend="ray", trainers=2), progress=False)
+            t: run_emulation(
+                _cfg(t, backend="ray", trainers=2, privacy=PrivacyConfig(mode="none")),
+                progress=False,
+            )
             for t in ("coap", "mqtt")
         }
     finally:
@@ -152,8 +165,10 @@ def test_transport_choice_is_validated():
         _cfg("http").validate()
     with pytest.raises(ValueError, match="--transport coap with --mode async is not supported"):
         _cfg("coap", mode="async").validate()
-    with pytest.raises(ValueError, match="loopback.*cannot be combined with --ray-address"):
+    with pytest.raises(ValueError, match=r"loopback.*cannot be combined with --ray-address"):
         _cfg("mqtt", backend="ray", ray_address="auto").validate()
+    with pytest.raises(ValueError, match="device-shares updates are masked ring values"):
+        _cfg("coap", backend="ray", privacy=PrivacyConfig(mode="device-shares")).validate()
 
 
 def test_cli_documents_and_checks_transport(capsys):
