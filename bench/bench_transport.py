@@ -8,7 +8,9 @@ mosquitto, the gateway's verdict back on the ack topic). Prints per transport
 the steady-state wall seconds per round (round 1, which warms up the
 trainers, is left out), the part spent handing updates to the gateways, the
 per-upload round-trip p50/p95, set-up time, and the ratio against direct; and
-checks that all three produced the same model hashes.
+checks that all three produced the same model hashes. Aggregation is plaintext
+(``--privacy none``) unless ``--privacy`` says otherwise: SMPC costs the same
+whichever way the updates reached the gateways.
 
     .venv/bin/python bench/bench_transport.py
     .venv/bin/python bench/bench_transport.py --topologies smoke,metro-5g --rounds 4
@@ -28,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hierarchy.emulate import EmulationConfig, LocalConfig, run_emulation  # noqa: E402
+from hierarchy.privacy import PrivacyConfig  # noqa: E402
 
 TRANSPORTS = ("direct", "coap", "mqtt")
 
@@ -48,6 +51,7 @@ def run(topology: Path, transport: str, args: argparse.Namespace) -> dict[str, A
         plots=False,
         eval_every=args.rounds,  # evaluation is the same in every transport: keep it out
         transport=transport,
+        privacy=PrivacyConfig(mode=args.privacy),
     )
     t0 = time.perf_counter()
     report = run_emulation(cfg, progress=False)
@@ -80,6 +84,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--backend", default="local", choices=("local", "ray"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--privacy", default="none", choices=("none", "gateway-trusted", "auto"))
     ap.add_argument("--transports", default=",".join(TRANSPORTS),
                     help="comma-separated; direct always runs (it is the baseline)")
     ap.add_argument("--json", type=Path, default=None)
