@@ -29,6 +29,7 @@ def _number(
 
 def _add_emulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from hierarchy.emulate import BACKENDS, DATASETS
+    from hierarchy.transport import TRANSPORTS
 
     p = sub.add_parser(
         "emulate",
@@ -319,6 +320,16 @@ def _add_emulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         default=0.0,
         help="share of selected, reachable devices that drop out before reporting",
     )
+    p.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="direct",
+        help="how device updates reach their gateways: direct (in-process hand-over, fastest); "
+        "coap / mqtt: every device signs its real encoded update (Ed25519) and uploads it with "
+        "the real device client over loopback to real gateway servers (aiocoap per gateway / "
+        "a mosquitto broker started for the run), which validate it; the virtual clock still "
+        "times the links. Sync mode only",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_emulate)
@@ -405,6 +416,7 @@ def _run_emulate(args: argparse.Namespace) -> int:
             retries=args.smpc_retries,
         ),
         dropout=args.dropout,
+        transport=args.transport,
         downlink=downlink,
     )
     if args.no_smpc and args.privacy not in ("auto", "none"):

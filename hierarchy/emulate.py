@@ -24,6 +24,7 @@ from cloud.downlink import DownlinkConfig
 from devices.held_model import RoundDownlink
 from gateway.partial_aggregate import PartialAggregate
 from hierarchy.actors import (
+    VIRTUAL_EPOCH,
     CohortHost,
     CoordinatorHost,
     DatasetSpec,
@@ -42,6 +43,7 @@ from hierarchy.privacy import (
 )
 from hierarchy.timeline import STREAM_AVAIL, energy_mwh, gateway_model_arrival, quorum_count
 from hierarchy.topology import Topology, load_topology
+from hierarchy.transport import SOCKET_TRANSPORTS, TRANSPORTS, DeviceTransport, GatewayTransport
 from hierarchy.uplink import UplinkConfig
 
 DATASETS = ("har", "fashion", "digits")
@@ -102,6 +104,9 @@ class EmulationConfig:
     buffer_size: int | None = None  # async: updates per gateway flush (default: half its devices)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     dropout: float = 0.0  # share of reachable selected devices that drop before reporting
+    # How updates reach the gateways: "direct" (in-process hand-over), or each device's real
+    # signed envelope over real CoAP / MQTT on loopback (hierarchy.transport).
+    transport: str = "direct"
     # None: the mode's default (delta chains in sync mode; async supports full only).
     downlink: DownlinkConfig | None = None
 
@@ -156,6 +161,29 @@ class EmulationConfig:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.buffer_size is not None and self.buffer_size < 1:
             raise ValueError(f"buffer-size must be >= 1, got {self.buffer_size}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(
+                f"unknown transport {self.transport!r}; choose one of {', '.join(TRANSPORTS)}"
+            )
+        if self.mode == "async" and self.transport != "direct":
+            # The gateway intake validates every update against the round it serves and
+            # the model it published; async devices train from different versions at once.
+            raise ValueError(
+                f"--transport {self.transport} with --mode async is not supported: the real "
+                "gateway intake takes updates for one round and model version at a time; "
+                "use --transport direct for async runs"
+            )
+        if self.transport != "direct" and self.privacy.mode == "device-shares":
+            raise ValueError(
+                f"--transport {self.transport} carries codec-encoded updates in signed envelopes; "
+                "device-shares updates are masked ring values: use --privacy gateway-trusted or "
+                "--no-smpc with it"
+            )
+        if self.transport != "direct" and self.ray_address:
+            raise ValueError(
+                f"--transport {self.transport} runs its gateway servers on loopback, so every "
+                "actor must be on this machine; it cannot be combined with --ray-address"
+            )
         if self.mode == "sync" and self.buffer_size is not None:
             raise ValueError("buffer-size applies to --mode async only")
         self.effective_downlink.validate()
@@ -292,6 +320,8 @@ class Emulation:
             cfg.alpha,
             tuple(int(s) for s in sizes) if all(s is not None for s in sizes) else None,  # type: ignore[arg-type]
         )
+        self.clock_s = 0.0  # emulated seconds before the next round (envelope timestamps)
+        self.broker: Any = None  # the MQTT transport's mosquitto (owned by this driver)
         self.privacy, self.privacy_note = resolve_mode(
             cfg.privacy, cfg.backend, cfg.mode == "async"
         )
@@ -311,9 +341,17 @@ class Emulation:
         try:
             self._build()
         except BaseException:
-            self.backend.shutdown()
+            try:
+                self._stop_transport()
+            finally:
+                self.backend.shutdown()
             raise
         self.setup_wall_s = time.perf_counter() - t0
+
+    @property
+    def sockets(self) -> bool:
+        """True when updates travel over real CoAP/MQTT instead of the direct hand-over."""
+        return self.cfg.transport in SOCKET_TRANSPORTS
 
     def _build(self) -> None:
         cfg, topo = self.cfg, self.topo
@@ -342,6 +380,14 @@ class Emulation:
         self.num_params = int(info["num_params"])
         self.initial_hash = str(info["hash"])
         gw_index = {g: i for i, g in enumerate(topo.gateways)}
+        if cfg.transport == "mqtt":
+            from gateway.broker import MosquittoBroker
+
+            # One broker for the fleet, as an operator would run; stopped by its PID in close().
+            self.broker = MosquittoBroker().start()
+        members: dict[str, list[str]] = {g: [] for g in topo.gateways}
+        for d in topo.devices.values():
+            members[d.gateway].append(d.id)
         self.hosts = [
             self.backend.spawn(
                 GatewayHost,
@@ -350,11 +396,18 @@ class Emulation:
                 self.num_params,
                 cfg.seed,
                 resources=plan.resources,
+                **self._host_transport(plan.gateways, members),
             )
             for plan in self.placement.gateway_hosts
         ]
         host_of = self.placement.host_of()
         gateway_handles = {g: self.hosts[host_of[g]] for g in topo.gateways}
+        device_transport: dict[str, Any] = {}
+        if self.sockets:
+            endpoints: dict[str, str] = {}
+            for eps in gather([h.call("endpoints") for h in self.hosts]):
+                endpoints.update(eps)
+            device_transport["transport"] = DeviceTransport(cfg.transport, cfg.seed, endpoints)
         nodes = list(topo.devices.values())
         self.trainers = [
             self.backend.spawn(
@@ -368,6 +421,7 @@ class Emulation:
                 # round on a shared 2-core machine (the small per-device kernels spin).
                 threads=1,
                 num_cpus=1 if cfg.backend == "ray" else 0,
+                **device_transport,
             )
             for idx in self.placement.trainers
         ]
@@ -384,6 +438,34 @@ class Emulation:
             if self.secure is not None
             else [],
         }
+
+    def _host_transport(
+        self, gateways: list[str], members: dict[str, list[str]]
+    ) -> dict[str, Any]:
+        """The ``transport`` argument of a gateway host (none for the direct transport)."""
+        if not self.sockets:
+            return {}
+        spec = GatewayTransport(
+            self.cfg.transport,
+            self.cfg.seed,
+            {g: tuple(members[g]) for g in gateways},
+            broker=self.broker.url if self.broker is not None else None,
+        )
+        return {"transport": spec}
+
+    def _stop_transport(self) -> None:
+        """Close the devices' clients, then the gateways' servers, then the broker (by PID)."""
+        try:
+            if self.sockets:
+                for group in (getattr(self, "trainers", []), getattr(self, "hosts", [])):
+                    try:
+                        gather([a.call("stop_transport") for a in group])
+                    except Exception as e:  # a dead actor must not keep the broker alive
+                        print(f"warning: stopping the transport: {e}", file=sys.stderr)
+        finally:
+            if self.broker is not None:
+                self.broker.close()
+                self.broker = None
 
     def _start_parties(self) -> None:
         """K CrypTen aggregator parties (one process each; + a dealer for the secure clip)."""
@@ -510,27 +592,34 @@ class Emulation:
             g: gateway_model_arrival(node, i, seed=cfg.seed, round_=round_, model_bytes=gw_bytes)
             for i, (g, node) in enumerate(topo.gateways.items())
         }
+        if self.sockets:
+            # Each gateway's intake opens the round at the virtual instant it has the model.
+            params_ref = put(gather([self.coordinator.call("params")])[0])
+            opened = {g: VIRTUAL_EPOCH + self.clock_s + s for g, s in starts.items()}
+            gather([h.call("open_round", round_, params_ref, opened) for h in self.hosts])
         local = LocalTrainingConfig(**asdict(cfg.local))
-        stats = _merge_stats(
-            gather(
-                [
-                    t.call(
-                        "train_round",
-                        round_,
-                        downlink_ref,
-                        local,
-                        selected,
-                        starts,
-                        cfg.seed,
-                        cfg.uplink,
-                        cfg.deadline_s,
-                        cfg.adaptive_work,
-                        self.device_privacy(),
-                    )
-                    for t in self.trainers
-                ]
-            )
+        parts = gather(
+            [
+                t.call(
+                    "train_round",
+                    round_,
+                    downlink_ref,
+                    local,
+                    selected,
+                    starts,
+                    cfg.seed,
+                    cfg.uplink,
+                    cfg.deadline_s,
+                    cfg.adaptive_work,
+                    self.device_privacy(),
+                    self.clock_s,
+                )
+                for t in self.trainers
+            ]
         )
+        # Trainers hand over in parallel (on Ray): the longest one is the round's cost.
+        wall_transport = max(float(p.pop("transport_wall_s", np.zeros(1))[0]) for p in parts)
+        stats = _merge_stats(parts)
         for d in stats["device"]:
             self._held[int(d)] = downlink.hash
         gw_full = self._gateway_held not in downlink.chains
@@ -559,6 +648,8 @@ class Emulation:
             )
             for c in cs
         ]
+        if self.sockets:
+            self._add_intake_rejections(round_, closes)
         energy = np.array(
             [
                 energy_mwh(self._power[d], c, dl + ul)
@@ -595,7 +686,7 @@ class Emulation:
         if round_ % cfg.eval_every == 0 or round_ == cfg.rounds:
             evaluation = gather([self.coordinator.call("evaluate")])[0]
         wall = time.perf_counter() - wall0
-        return self._record(
+        rec = self._record(
             round_,
             stats,
             closes,
@@ -609,6 +700,25 @@ class Emulation:
             secure,
             wall_phases,
         )
+        rec["wall_transport_s"] = wall_transport
+        rec["transport_rtt_s"] = _percentiles(stats["transport_rtt_s"])
+        rec["transport_failed"] = int(stats["transport_failed"].sum())
+        self.clock_s += rec["latency_s"]
+        return rec
+
+    def _add_intake_rejections(self, round_: int, closes: list[dict[str, Any]]) -> None:
+        """Close the round on the real intakes and count what they refused, by reason code.
+
+        Those updates never reached a gateway host's buffer, so ``close`` did not see them.
+        """
+        refused: dict[str, dict[str, int]] = {}
+        for per_gateway in gather([h.call("end_round", round_) for h in self.hosts]):
+            refused.update(per_gateway)
+        for c in closes:
+            gateway = c["gateway"] if "gateway" in c else c["partial"].gateway
+            for reason, n in refused.get(gateway, {}).items():
+                c["rejected_by_reason"][reason] = c["rejected_by_reason"].get(reason, 0) + n
+                c["rejected"] += n
 
     def check_budget(self, round_: int) -> None:
         """Before a round: stop if running it would take epsilon past the budget."""
@@ -802,8 +912,11 @@ class Emulation:
 
     def close(self) -> None:
         try:
-            if self.secure is not None:
-                self.secure.shutdown()
+            try:
+                self._stop_transport()
+            finally:
+                if self.secure is not None:
+                    self.secure.shutdown()
         finally:
             self.backend.shutdown()
 
@@ -963,6 +1076,7 @@ def build_report(
             "downlink": downlink_summary(rounds),
             "stragglers": int(sum(r["stragglers"] for r in rounds)),
             "wall_setup_s": emu.setup_wall_s,
+            "wall_transport_s": float(sum(r.get("wall_transport_s", 0.0) for r in rounds)),
             "wall_total_s": total_wall,
             "client_updates_per_s": (sum(r["participants"] for r in steady) / steady_wall)
             if steady_wall > 0

@@ -14,7 +14,14 @@ from hierarchy.emulate import EmulationConfig, LocalConfig, run_emulation
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "topologies" / "smoke.graphml"
-WALL_KEYS = {"wall_s", "wall_train_s", "wall_close_s", "wall_cloud_s"}
+WALL_KEYS = {
+    "wall_s",
+    "wall_train_s",
+    "wall_close_s",
+    "wall_cloud_s",
+    "wall_transport_s",
+    "transport_rtt_s",
+}
 
 
 def _strip_wall(report: dict) -> dict:
