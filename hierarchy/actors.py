@@ -307,7 +307,7 @@ class CohortHost(Placed):
                         round_,
                         g,
                         [self._nodes[pos[k]].id for k in ks],
-                        [updates[k] for k in ks],
+                        _pack([updates[k] for k in ks]),
                         weights[ks],
                         stats["arrival_s"][ks],
                     )
@@ -517,6 +517,40 @@ class CohortHost(Placed):
         except CodecError:
             # A real device would send whatever it computed; the gateway refuses it.
             return Encoded("f32", delta.shape, np.ascontiguousarray(delta, "<f4").tobytes(), {})
+
+
+class MaskedBatch:
+    """A gateway's share of a trainer's masked updates, as one [n, P] int64 block.
+
+    Sent to the gateway host instead of n ``MaskedUpdate`` objects: one buffer
+    to serialize and copy instead of n (69 KB each for the HAPT CNN). Iterating
+    yields the ``MaskedUpdate``s again (rows are views, not copies).
+    """
+
+    def __init__(self, updates: Sequence[Any]) -> None:
+        self.devices = [u.device for u in updates]
+        self.rounds = [u.round for u in updates]
+        self.masked = np.stack([u.masked for u in updates])
+        self.weights = [u.weight for u in updates]
+        self.sealed = [dict(u.sealed) for u in updates]
+
+    def __len__(self) -> int:
+        return len(self.devices)
+
+    def __iter__(self) -> Any:
+        from devices.masking import MaskedUpdate
+
+        for j, d in enumerate(self.devices):
+            yield MaskedUpdate(d, self.rounds[j], self.masked[j], self.weights[j], self.sealed[j])
+
+
+def _pack(updates: list[Any]) -> Any:
+    """Masked updates travel as one block (:class:`MaskedBatch`); encoded ones as they are."""
+    from devices.masking import MaskedUpdate
+
+    if updates and all(isinstance(u, MaskedUpdate) for u in updates):
+        return MaskedBatch(updates)
+    return updates
 
 
 def _clip(delta: np.ndarray, clip_norm: float) -> np.ndarray:
