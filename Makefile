@@ -55,8 +55,7 @@ bench: install
 	$(PY) bench/bench_smpc.py --quick
 	$(PY) bench/bench_smpc_rounds.py
 	$(PY) bench/bench_device_shares.py
-	$(PY) bench/bench_gateway_mqtt.py
-	$(PY) bench/bench_gateway_coap.py
+	$(PY) bench/bench_gateway.py
 	$(PY) bench/bench_vs_peers.py
 
 lint: install

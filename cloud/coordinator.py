@@ -10,9 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cloud.downlink import DownlinkConfig, plan_downlink
 from cloud.model_store import ModelStore, ModelVersion
 from cloud.strategy import ServerOptimizer
 from cloud.strategy.base import weighted_mean
+from devices.held_model import RoundDownlink
 from gateway.partial_aggregate import PartialAggregate, combine
 
 
@@ -27,11 +29,28 @@ class AppliedRound:
 
 
 class Coordinator:
-    def __init__(self, initial_params: np.ndarray, strategy: ServerOptimizer, keep: int = 8):
+    """Applies rounds and publishes versions.
+
+    With a ``delta`` downlink the server optimizer's output is not published
+    as is: its step is compressed (with error feedback) and the published
+    version is exactly what devices rebuild from the compressed bytes. Without
+    a ``downlink`` it publishes as is and serves only full models (``full``).
+    """
+
+    def __init__(
+        self,
+        initial_params: np.ndarray,
+        strategy: ServerOptimizer,
+        keep: int = 8,
+        downlink: DownlinkConfig | None = None,
+    ):
         if initial_params.ndim != 1:
             raise ValueError("initial_params must be a flat vector")
         self.strategy = strategy
-        self.store = ModelStore(keep=keep)
+        self.downlink = downlink or DownlinkConfig(mode="full")
+        self.downlink.validate()
+        self._compressor = self.downlink.compressor()
+        self.store = ModelStore(keep=keep, keep_steps=self.downlink.keep_steps)
         self.store.commit(initial_params, round_=0)
 
     @property
@@ -64,8 +83,16 @@ class Coordinator:
         mean_delta = weighted_mean(total, weight)
         if not np.all(np.isfinite(mean_delta)):
             raise FloatingPointError(f"round {round_}: aggregate contains NaN/Inf; not applied")
-        new = self.strategy.step(params, mean_delta)
-        version = self.store.commit(new, round_)
+        target = self.strategy.step(params, mean_delta)
+        if self._compressor is None:
+            version = self.store.commit(target, round_)
+        else:
+            new, step = self._compressor.step(params, target)
+            version = self.store.commit(new, round_, step=step)
         return AppliedRound(
             round_, version, count, gateways, weight, float(np.linalg.norm(mean_delta))
         )
+
+    def downloads(self, bases: Sequence[str | None]) -> RoundDownlink:
+        """The current version's downloads for holders of ``bases`` (None: holds nothing)."""
+        return plan_downlink(self.store, bases, self.downlink)

@@ -222,7 +222,8 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
 class DeviceRegistry(Mapping[str, Ed25519PublicKey]):
     """Device id -> public key: who may send updates to this gateway.
 
-    A read-mostly mapping; ``add`` exists for enrolment at run time and tests.
+    A read-mostly mapping; ``add`` and ``remove`` exist for enrolment and
+    revocation at run time, and for tests.
     """
 
     def __init__(self, keys: Mapping[str, Ed25519PublicKey] | None = None) -> None:
@@ -236,6 +237,13 @@ class DeviceRegistry(Mapping[str, Ed25519PublicKey]):
         if not isinstance(pub, Ed25519PublicKey):
             raise TypeError(f"key for {device!r} is {type(key).__name__}, expected Ed25519")
         self._keys[device] = pub
+
+    def remove(self, device: str) -> None:
+        """Revoke ``device``: its updates are refused (``unknown-device``) from now on."""
+        try:
+            del self._keys[device]
+        except KeyError:
+            raise KeyError(f"device {device!r} is not registered") from None
 
     def __getitem__(self, device: str) -> Ed25519PublicKey:
         return self._keys[device]

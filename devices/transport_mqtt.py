@@ -250,6 +250,13 @@ class MqttDeviceClient:
             self._started = False
             self._client.disconnect()
             self._client.loop_stop()
+            # paho keeps its wake-up socket pair open until the client object is
+            # garbage-collected (a reference cycle: whenever gc runs). A process that
+            # reconnects many clients would pile up descriptors meanwhile, and past
+            # 1024 paho's select() loop fails. Release them now (paho 2.x internals).
+            reset = getattr(self._client, "_reset_sockets", None)
+            if reset is not None:
+                reset()
 
     def __enter__(self) -> MqttDeviceClient:
         return self.connect()

@@ -59,6 +59,7 @@ __all__ = [
     "GatewayConfig",
     "Limits",
     "MqttListener",
+    "build_section",
     "gateway_config_from_dict",
     "load_gateway_config",
 ]
@@ -263,7 +264,11 @@ def _convert(value: Any, annotation: str, key: str, base: Path | None) -> Any:
     raise AssertionError(f"{key}: unsupported annotation {annotation}")  # a bug here, not input
 
 
-def _build(cls: type, doc: dict[str, Any], prefix: str, base: Path | None) -> Any:
+def build_section(cls: type, doc: dict[str, Any], prefix: str, base: Path | None) -> Any:
+    """One config dataclass from its TOML table: unknown keys and bad types name the key.
+
+    Shared with ``gateway.rounds`` (its ``[rounds]`` table is parsed the same way).
+    """
     known = {f.name: f for f in fields(cls)}
     kwargs: dict[str, Any] = {}
     for name, value in doc.items():
@@ -271,7 +276,7 @@ def _build(cls: type, doc: dict[str, Any], prefix: str, base: Path | None) -> An
         if name in _SECTIONS and not prefix:
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a table [{name}]")
-            kwargs[name] = _build(_SECTIONS[name], value, f"{name}.", base)
+            kwargs[name] = build_section(_SECTIONS[name], value, f"{name}.", base)
             continue
         f = known.get(name)
         if f is None or name in _SECTIONS:
@@ -289,7 +294,7 @@ def gateway_config_from_dict(doc: dict[str, Any], base: Path | None = None) -> G
     """Build a :class:`GatewayConfig` from a parsed TOML document (relative paths against base)."""
     if not isinstance(doc, dict):
         raise ConfigError(f"expected a table, got {_type_name(type(doc))}")
-    cfg = _build(GatewayConfig, doc, "", base)
+    cfg = build_section(GatewayConfig, doc, "", base)
     assert isinstance(cfg, GatewayConfig)
     return cfg
 

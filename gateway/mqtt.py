@@ -49,6 +49,8 @@ retained model/round of every gateway.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import queue
 import ssl
@@ -83,11 +85,20 @@ if TYPE_CHECKING:
 
     from gateway.partial_aggregate import PartialAggregate
 
-__all__ = ["MqttIntake", "MqttIntakeError", "envelope_device"]
+__all__ = ["MqttIntake", "MqttIntakeError", "envelope_device", "status_topic"]
 
 log = logging.getLogger(__name__)
 
 TRANSPORT: Final = "mqtt"
+
+
+def status_topic(client_id: str, prefix: str = TOPIC_PREFIX) -> str:
+    """Where an intake says it is online/offline (retained; the offline one is its MQTT will).
+
+    MQTT wildcards and level separators cannot appear in a topic one publishes to,
+    and a multi-gateway intake's default id joins gateway ids with ``+``.
+    """
+    return f"{prefix}/status/" + "".join("_" if ch in "+#/" else ch for ch in client_id)
 _STOP: Final = object()
 _MAX_ID: Final = 64  # devices.keys.DEVICE_ID_PATTERN allows 64 characters
 
@@ -226,6 +237,12 @@ class MqttIntake:
                 keyfile=str(lst.tls_key) if lst.tls_key else None,
                 cert_reqs=ssl.CERT_REQUIRED,
             )
+        # Liveness: "online" retained on the status topic at every connect, "offline" on a
+        # clean stop, and the broker publishes the will ("offline", retained) when this
+        # intake vanishes without a DISCONNECT (killed, host or network down). Devices and
+        # operators subscribe to it instead of waiting out a round that will never close.
+        self.status_topic = status_topic(self.client_id, prefix)
+        c.will_set(self.status_topic, self._status("offline", "connection lost"), 1, retain=True)
         c.on_socket_open = disable_nagle
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
@@ -302,6 +319,12 @@ class MqttIntake:
             self._queue.put(_STOP)
             self._worker.join(timeout)
             self._worker = None
+        if self._connected:
+            info = self.client.publish(
+                self.status_topic, self._status("offline", "stopped"), qos=1, retain=True
+            )
+            with contextlib.suppress(RuntimeError, ValueError):  # not sent: the will covers it
+                info.wait_for_publish(min(timeout, 2.0))
         props = Properties(PacketTypes.DISCONNECT)
         props.SessionExpiryInterval = 0  # a clean stop: the broker may forget us
         self.client.disconnect(properties=props)
@@ -321,6 +344,12 @@ class MqttIntake:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+    def _status(self, state: str, why: str | None = None) -> bytes:
+        doc: dict[str, Any] = {"state": state, "gateways": sorted(self.services)}
+        if why:
+            doc["reason"] = why
+        return json.dumps(doc).encode()
 
     @property
     def ready(self) -> bool:
@@ -415,6 +444,7 @@ class MqttIntake:
             rc, mid = client.subscribe(topics)
             self._sub_mid = mid if rc == MQTTErrorCode.MQTT_ERR_SUCCESS else None
         log.info("MQTT intake %s connected to %s", self.client_id, self.listener.broker)
+        client.publish(self.status_topic, self._status("online"), qos=1, retain=True)
         for g in self.services:  # a restarted broker has lost our retained messages
             try:
                 self.announce(g)

@@ -52,7 +52,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from devices.codecs import CODECS
-from gateway.config import ConfigError, _build
+from gateway.config import ConfigError, build_section
 from gateway.partial_aggregate import PartialAggregate
 
 __all__ = [
@@ -123,7 +123,7 @@ def rounds_config_from_dict(doc: Any, base: Path | None = None) -> RoundsConfig:
     """The ``[rounds]`` table; relative paths (``out``, ``model``) against ``base``."""
     if not isinstance(doc, dict):
         raise ConfigError("rounds: expected a table [rounds]")
-    cfg = _build(RoundsConfig, doc, "rounds.", base)
+    cfg = build_section(RoundsConfig, doc, "rounds.", base)
     assert isinstance(cfg, RoundsConfig)
     model = cfg.model
     if not model.startswith("init:") and base is not None:

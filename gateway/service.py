@@ -43,7 +43,7 @@ from devices.reasons import Rejection
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
 from gateway.partial_aggregate import PartialAggregate
-from gateway.validation import IntakeBuffer, RejectionCounter, Validator
+from gateway.validation import Accepted, IntakeBuffer, RejectionCounter, Validator
 
 __all__ = ["GatewayService", "Outcome"]
 
@@ -112,6 +112,7 @@ class GatewayService:
         self._started = clock()
         self._counts = {"accepted": 0, "duplicate": 0, "rejected": 0}
         self._listeners: list[Callable[[str], None]] = []
+        self._accept_listeners: list[Callable[[Accepted], None]] = []
         self.metrics.set_round(gateway_id, -1, open_=False, buffered=0)
 
     # --- rounds -----------------------------------------------------------------------
@@ -184,6 +185,19 @@ class GatewayService:
         """
         with self._lock:
             self._listeners.append(listener)
+
+    def on_accept(self, listener: Callable[[Accepted], None]) -> None:
+        """Call ``listener(update)`` with every newly accepted update (never a duplicate).
+
+        For hosts that aggregate on their own terms: the emulator feeds its
+        virtual-clock round buffer from here, so an update reaches its aggregate
+        only through the same validation and exactly-once intake as on a real
+        gateway. Runs on the transport's thread after the update was folded in;
+        must not block. A listener that raises is logged; the device's answer
+        stays ``accepted``.
+        """
+        with self._lock:
+            self._accept_listeners.append(listener)
 
     def _notify(self, event: str) -> None:
         with self._lock:
@@ -299,6 +313,13 @@ class GatewayService:
             return Outcome("rejected", "malformed", f"could not process update: {type(e).__name__}")
         if status == "accepted":
             self.metrics.buffered.labels(self.gateway_id).set(buffered)
+            with self._lock:
+                accept_listeners = list(self._accept_listeners)
+            for listener in accept_listeners:
+                try:
+                    listener(accepted)
+                except Exception:
+                    log.exception("gateway %s: accept listener failed", self.gateway_id)
             return Outcome("accepted", None, f"round {accepted.round}", accepted.device)
         return Outcome("duplicate", None, "already accepted", accepted.device)
 

@@ -9,13 +9,17 @@ split from its ``DatasetSpec`` and keeps only what it needs.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cloud.downlink import DownlinkConfig
 from devices.codecs import Encoded, max_encoded_size
+from devices.delta_chain import FRAME_BYTES
+from devices.held_model import HeldModels, RoundDownlink
 from gateway.partial_aggregate import PartialAggregate
 from hierarchy.backend import Handle, gather
 from hierarchy.privacy import DevicePrivacy, GatewayPrivacy, clip_check
@@ -29,8 +33,11 @@ from hierarchy.timeline import (
 from hierarchy.topology import DeviceNode, GatewayNode
 from hierarchy.uplink import ENVELOPE_OVERHEAD_BYTES, UplinkConfig, choose_codec, step_cap
 
+if TYPE_CHECKING:
+    from hierarchy.transport import DeviceTransport, GatewayTransport
+
 # Bytes a model download adds around the float32 parameters (version hash, length, ETag).
-MODEL_HEADER_BYTES = 96
+MODEL_HEADER_BYTES = FRAME_BYTES
 # Codecs whose payload size depends only on the vector's length (not on its values).
 DENSE_CODECS = frozenset({"f32", "f16", "int8", "int4"})
 
@@ -108,6 +115,7 @@ class CohortHost(Placed):
         devices: Sequence[DeviceNode],
         gateways: Mapping[str, Handle],
         threads: int = 1,
+        transport: DeviceTransport | None = None,
     ) -> None:
         import torch
 
@@ -125,11 +133,18 @@ class CohortHost(Placed):
         self._flops = flops_per_sample(model, ds.input_shape)
         self._trainer = CohortTrainer(model)
         self._feedback: dict[str, Any] = {}  # device id -> ErrorFeedback (its residual)
+        self._models = HeldModels()  # the version each hosted device holds
+        # Socket transports: the devices' keys and real clients (None: direct hand-over).
+        self._links: Any = None
+        if transport is not None and transport.kind != "direct":
+            from hierarchy.transport_devices import DeviceUplinks
+
+            self._links = DeviceUplinks(transport, [n.id for n in self._nodes])
 
     def train_round(
         self,
         round_: int,
-        params: np.ndarray,
+        downlink: RoundDownlink,
         cfg: Any,
         selected: Sequence[int],
         gateway_start: Mapping[str, float],
@@ -138,17 +153,24 @@ class CohortHost(Placed):
         deadline_s: float | None = None,
         adaptive_work: bool = False,
         privacy: DevicePrivacy | None = None,
+        clock_s: float = 0.0,
     ) -> dict[str, np.ndarray]:
         """Train the selected devices (global indices), submit updates, return per-device stats.
 
-        Each device compresses its update with its codec (adding its error-feedback
-        residual first), and the exact signed-envelope size is what its uplink is
-        charged for. With ``adaptive_work`` and a deadline, slow devices train only
-        as many steps as let them make the deadline. ``privacy``: clip to C first
-        (DP), and in ``device-shares`` mode mask and seal instead of compressing.
+        Each device first downloads what ``downlink`` has for the version it holds
+        (the delta chain from it, or the full model), rebuilds the model from those
+        bytes and verifies its hash; its download is charged their exact size. Each
+        then compresses its update with its codec (adding its error-feedback residual
+        first), and the exact signed-envelope size is what its uplink is charged
+        for. With ``adaptive_work`` and a deadline, slow devices train only as many
+        steps as let them make the deadline. ``privacy``: clip to C first (DP), and
+        in ``device-shares`` mode mask and seal instead of compressing.
+        ``clock_s`` is the emulated time at which the round started: envelopes are
+        stamped with it plus their gateway's model arrival. With a socket transport
+        each device's envelope is really signed and sent (``_send``). Besides the
+        per-device arrays, the result has ``transport_wall_s``: one entry, the wall
+        seconds the hand-over to the gateways took.
         """
-        from cloud.model_store import model_hash
-
         uplink = uplink or UplinkConfig()
         privacy = privacy or DevicePrivacy("none")
         party_keys = None
@@ -158,20 +180,21 @@ class CohortHost(Placed):
             party_keys = PartyPublicKeys.from_hex(privacy.party_keys)
         mine = [i for i in selected if i in self._pos]
         if not mine:
-            return _empty_stats()
+            return {**_empty_stats(), "transport_wall_s": np.zeros(1)}
         pos = [self._pos[i] for i in mine]
         seeds = [device_seed(seed, round_, i) for i in mine]
+        got = self._models.receive(mine, downlink)
+        params = got.params
         num_params = int(params.shape[0])
-        m_bytes = model_nbytes(num_params)
         codecs = [choose_codec(self._nodes[p], num_params, uplink) for p in pos]
         caps: list[int | None] | None = None
         if adaptive_work and deadline_s is not None:
             caps = []
-            for p, (codec, cparams) in zip(pos, codecs, strict=True):
+            for p, (codec, cparams), down in zip(pos, codecs, got.nbytes, strict=True):
                 node = self._nodes[p]
                 up = max_encoded_size(codec, num_params, **cparams) + ENVELOPE_OVERHEAD_BYTES
                 comm = 2 * node.link.latency_ms / 1e3 + 8 * (
-                    m_bytes / (node.link.down_mbps * 1e6) + up / (node.link.up_mbps * 1e6)
+                    int(down) / (node.link.down_mbps * 1e6) + up / (node.link.up_mbps * 1e6)
                 )
                 caps.append(
                     step_cap(
@@ -196,12 +219,17 @@ class CohortHost(Placed):
             "start_s": np.zeros(n),
             "arrival_s": np.zeros(n),
             "update_bytes": np.zeros(n, dtype=np.int64),
-            "model_bytes": np.zeros(n, dtype=np.int64),
+            "model_bytes": got.nbytes.copy(),
+            "download_full": got.full.astype(np.int64),
+            "download_steps": got.steps.copy(),
             "retransmitted": np.zeros(n, dtype=np.int64),
+            "transport_rtt_s": np.zeros(n),
+            "transport_failed": np.zeros(n, dtype=np.int64),
         }
-        base = model_hash(params)
+        base = downlink.hash
         by_gateway: dict[str, list[int]] = {}
         updates: list[Any] = []
+        sealed: list[bytes] = []
         weights = np.ones(n) if privacy.uniform_weights else res.num_samples.astype(np.float64)
         for k, (i, p) in enumerate(zip(mine, pos, strict=True)):
             node = self._nodes[p]
@@ -229,9 +257,20 @@ class CohortHost(Placed):
                 rng = np.random.default_rng([seed, round_, i, 11]) if codec not in DENSE else None
                 enc = self._compress(node.id, delta, codec, cparams, rng, uplink)
                 updates.append(enc)
-                u_bytes = envelope_bytes(
-                    node.id, round_, base, int(res.num_samples[k]), enc, gateway_start[node.gateway]
-                )
+                stamp = clock_s + gateway_start[node.gateway]
+                samples = int(res.num_samples[k])
+                u_bytes = envelope_bytes(node.id, round_, base, samples, enc, stamp)
+                if self._links is not None:
+                    sealed.append(
+                        self._links.seal(
+                            node.id, round_, base, samples, enc, VIRTUAL_EPOCH + stamp
+                        )
+                    )
+                    if len(sealed[-1]) != u_bytes:  # the size the virtual clock charged is exact
+                        raise RuntimeError(
+                            f"{node.id}: sealed envelope has {len(sealed[-1])} bytes, "
+                            f"envelope_bytes() said {u_bytes}"
+                        )
             processed = samples_processed(
                 int(res.num_samples[k]), int(res.steps[k]), cfg.batch_size
             )
@@ -241,7 +280,7 @@ class CohortHost(Placed):
                 seed=seed,
                 round_=round_,
                 start_s=gateway_start[node.gateway],
-                model_bytes=m_bytes,
+                model_bytes=int(got.nbytes[k]),
                 update_bytes=u_bytes,
                 work_flops=training_flops(self._flops, processed),
             )
@@ -251,24 +290,77 @@ class CohortHost(Placed):
             stats["start_s"][k] = t.start_s
             stats["arrival_s"][k] = t.arrival_s
             stats["update_bytes"][k] = u_bytes
-            stats["model_bytes"][k] = m_bytes
             stats["retransmitted"][k] = t.retransmitted_packets
             by_gateway.setdefault(node.gateway, []).append(k)
-        futures = []
-        for g, ks in by_gateway.items():
-            futures.append(
+        t0 = time.perf_counter()
+        if self._links is not None:
+            if party_keys is not None:
+                raise RuntimeError("device-shares updates cannot travel in codec envelopes")
+            nodes = [self._nodes[p] for p in pos]
+            self._send(round_, nodes, sealed, by_gateway, weights, stats)
+        else:
+            futures = []
+            for g, ks in by_gateway.items():
+                futures.append(
+                    self._gateways[g].call(
+                        "submit",
+                        round_,
+                        g,
+                        [self._nodes[pos[k]].id for k in ks],
+                        _pack([updates[k] for k in ks]),
+                        weights[ks],
+                        stats["arrival_s"][ks],
+                    )
+                )
+            gather(futures)
+        stats["transport_wall_s"] = np.array([time.perf_counter() - t0])
+        return stats
+
+    def _send(
+        self,
+        round_: int,
+        nodes: Sequence[DeviceNode],
+        sealed: Sequence[bytes],
+        by_gateway: Mapping[str, list[int]],
+        weights: np.ndarray,
+        stats: dict[str, np.ndarray],
+    ) -> None:
+        """Upload every sealed envelope over the socket transport, then tell each gateway host
+        when (on the virtual clock) its devices' updates arrived.
+
+        The gateway host buffers only what its intake accepted; the arrival times
+        travel out of band because the virtual clock, not the socket, says when an
+        update reached its gateway, and so do the round's aggregation weights (the
+        sample counts the devices signed, or 1 each under DP's uniform weighting).
+        Devices that heard no answer are counted in ``transport_failed`` (the
+        gateway may still have accepted them).
+        """
+        from hierarchy.transport_devices import Upload
+
+        results = self._links.send(
+            [Upload(n.gateway, n.id, env) for n, env in zip(nodes, sealed, strict=True)]
+        )
+        stats["transport_rtt_s"] = np.array([r.rtt_s for r in results])
+        stats["transport_failed"] = np.array([r.status == "failed" for r in results], np.int64)
+        gather(
+            [
                 self._gateways[g].call(
-                    "submit",
+                    "deliver",
                     round_,
                     g,
-                    [self._nodes[pos[k]].id for k in ks],
-                    [updates[k] for k in ks],
+                    [nodes[k].id for k in ks],
                     weights[ks],
                     stats["arrival_s"][ks],
                 )
-            )
-        gather(futures)
-        return stats
+                for g, ks in by_gateway.items()
+            ]
+        )
+
+    def stop_transport(self) -> None:
+        """Close the devices' real clients (socket transports; a no-op for direct)."""
+        if self._links is not None:
+            self._links.close()
+            self._links = None
 
     def cycle_profile(
         self, cfg: Any, uplink: UplinkConfig, num_params: int
@@ -344,7 +436,11 @@ class CohortHost(Placed):
             "arrival_s": np.zeros(n),
             "update_bytes": np.zeros(n, dtype=np.int64),
             "model_bytes": np.full(n, m_bytes, dtype=np.int64),
+            "download_full": np.ones(n, dtype=np.int64),
+            "download_steps": np.zeros(n, dtype=np.int64),
             "retransmitted": np.zeros(n, dtype=np.int64),
+            "transport_rtt_s": np.zeros(n),
+            "transport_failed": np.zeros(n, dtype=np.int64),
         }
         base = model_hash(params)
         by_gateway: dict[str, list[int]] = {}
@@ -423,6 +519,40 @@ class CohortHost(Placed):
             return Encoded("f32", delta.shape, np.ascontiguousarray(delta, "<f4").tobytes(), {})
 
 
+class MaskedBatch:
+    """A gateway's share of a trainer's masked updates, as one [n, P] int64 block.
+
+    Sent to the gateway host instead of n ``MaskedUpdate`` objects: one buffer
+    to serialize and copy instead of n (69 KB each for the HAPT CNN). Iterating
+    yields the ``MaskedUpdate``s again (rows are views, not copies).
+    """
+
+    def __init__(self, updates: Sequence[Any]) -> None:
+        self.devices = [u.device for u in updates]
+        self.rounds = [u.round for u in updates]
+        self.masked = np.stack([u.masked for u in updates])
+        self.weights = [u.weight for u in updates]
+        self.sealed = [dict(u.sealed) for u in updates]
+
+    def __len__(self) -> int:
+        return len(self.devices)
+
+    def __iter__(self) -> Any:
+        from devices.masking import MaskedUpdate
+
+        for j, d in enumerate(self.devices):
+            yield MaskedUpdate(d, self.rounds[j], self.masked[j], self.weights[j], self.sealed[j])
+
+
+def _pack(updates: list[Any]) -> Any:
+    """Masked updates travel as one block (:class:`MaskedBatch`); encoded ones as they are."""
+    from devices.masking import MaskedUpdate
+
+    if updates and all(isinstance(u, MaskedUpdate) for u in updates):
+        return MaskedBatch(updates)
+    return updates
+
+
 def _clip(delta: np.ndarray, clip_norm: float) -> np.ndarray:
     """The device's DP clipping: scale down to L2 norm ``clip_norm`` (float32 kept)."""
     n = float(np.linalg.norm(delta))
@@ -488,8 +618,26 @@ def envelope_bytes(
 
 
 def _empty_stats() -> dict[str, np.ndarray]:
-    keys_i = ("device", "samples", "steps", "update_bytes", "model_bytes", "retransmitted")
-    keys_f = ("loss", "download_s", "compute_s", "upload_s", "start_s", "arrival_s")
+    keys_i = (
+        "device",
+        "samples",
+        "steps",
+        "update_bytes",
+        "model_bytes",
+        "download_full",
+        "download_steps",
+        "retransmitted",
+        "transport_failed",
+    )
+    keys_f = (
+        "loss",
+        "download_s",
+        "compute_s",
+        "upload_s",
+        "start_s",
+        "arrival_s",
+        "transport_rtt_s",
+    )
     out: dict[str, np.ndarray] = {k: np.zeros(0, dtype=np.int64) for k in keys_i}
     out.update({k: np.zeros(0, dtype=np.float64) for k in keys_f})
     return out
@@ -527,6 +675,7 @@ class GatewayHost(Placed):
         indices: Mapping[str, int],
         num_params: int,
         seed: int,
+        transport: GatewayTransport | None = None,
     ) -> None:
         self._gateways = {g.id: g for g in gateways}
         self._index = dict(indices)
@@ -539,6 +688,12 @@ class GatewayHost(Placed):
         self._sent: dict[tuple[int, str], list[Any]] = {}
         # Asynchronous mode: updates held until a flush, keyed by (gateway, (device, cycle)).
         self._held: dict[tuple[str, tuple[int, int]], tuple[str, Encoded, float]] = {}
+        # Socket transports: real gateway intakes, one per hosted logical gateway.
+        self._intakes: Any = None
+        if transport is not None and transport.kind != "direct":
+            from hierarchy.transport_gateway import GatewayIntakes
+
+            self._intakes = GatewayIntakes(transport, num_params, VIRTUAL_EPOCH)
 
     def submit(
         self,
@@ -555,6 +710,73 @@ class GatewayHost(Placed):
             _Submission(devices, list(updates), weights, arrivals)
         )
         return len(devices)
+
+    # --- socket transports ------------------------------------------------------------
+
+    def _require_intakes(self) -> Any:
+        if self._intakes is None:
+            raise RuntimeError("this gateway host has no socket transport (it was built direct)")
+        return self._intakes
+
+    def endpoints(self) -> dict[str, str]:
+        """Gateway id -> the URL its devices upload to (empty for the direct transport)."""
+        return self._intakes.endpoints() if self._intakes is not None else {}
+
+    def open_round(self, round_: int, params: np.ndarray, opened_at: Mapping[str, float]) -> str:
+        """Publish the round's model on every hosted gateway's real intake.
+
+        ``opened_at`` is each gateway's virtual Unix time of model arrival (its
+        service's clock for the round). Returns the model's version hash.
+        """
+        return str(self._require_intakes().open_round(round_, params, opened_at))
+
+    def deliver(
+        self,
+        round_: int,
+        gateway: str,
+        devices: list[str],
+        weights: np.ndarray,
+        arrivals: np.ndarray,
+    ) -> int:
+        """Buffer the updates ``gateway``'s intake accepted from ``devices``, as ``submit`` does.
+
+        ``weights`` and ``arrivals`` are the devices' aggregation weights and virtual
+        arrival times (out of band: the virtual clock, not the socket, decides
+        on-time vs late). The update is the one the intake decoded and validated,
+        handed on as float32 (decoding it again gives the same values). A device
+        whose update was refused is skipped (its reason is in ``end_round``).
+        Returns how many were buffered.
+        """
+        got = self._require_intakes().take(round_, gateway, devices)
+        keep = [k for k, a in enumerate(got) if a is not None]
+        if not keep:
+            return 0
+        return self.submit(
+            round_,
+            gateway,
+            [devices[k] for k in keep],
+            [Encoded("f32", (self._num_params,), got[k].delta.tobytes(), {}) for k in keep],
+            np.asarray(weights, dtype=np.float64)[keep],
+            np.asarray(arrivals, dtype=np.float64)[keep],
+        )
+
+    def end_round(self, round_: int) -> dict[str, dict[str, int]]:
+        """Close the round on the real intakes; per gateway, its rejections by reason code."""
+        return dict(self._require_intakes().end_round(round_))
+
+    def enroll(self, gateway: str, device: str, public_key: str) -> None:
+        """Register (or replace) a device's public key (hex or PEM) at a hosted gateway."""
+        self._require_intakes().enroll(gateway, device, public_key)
+
+    def revoke(self, gateway: str, device: str) -> None:
+        """Remove a device's key at a hosted gateway (``unknown-device`` from then on)."""
+        self._require_intakes().revoke(gateway, device)
+
+    def stop_transport(self) -> None:
+        """Stop the real servers/intakes (a no-op for the direct transport)."""
+        if self._intakes is not None:
+            self._intakes.stop()
+            self._intakes = None
 
     def close(
         self,
@@ -846,6 +1068,7 @@ class CoordinatorHost(Placed):
         momentum: float,
         seed: int,
         threads: int = 1,
+        downlink: DownlinkConfig | None = None,
     ) -> None:
         import torch
 
@@ -859,7 +1082,9 @@ class CoordinatorHost(Placed):
         self._model = build_model(model_name, ds.input_shape, ds.num_classes)
         initial = init_params(model_name, ds.input_shape, ds.num_classes, seed)
         self._coord = Coordinator(
-            initial, make_strategy(strategy, server_lr=server_lr, momentum=momentum)
+            initial,
+            make_strategy(strategy, server_lr=server_lr, momentum=momentum),
+            downlink=downlink,
         )
 
     def info(self) -> dict[str, Any]:
@@ -867,6 +1092,10 @@ class CoordinatorHost(Placed):
 
     def params(self) -> np.ndarray:
         return self._coord.params
+
+    def downloads(self, bases: Sequence[str | None]) -> RoundDownlink:
+        """The current version for holders of ``bases``: chains or the full model."""
+        return self._coord.downloads(bases)
 
     def apply(
         self,

@@ -329,6 +329,21 @@ class AsyncEmulation(Emulation):
                 "update_bytes_mean": float(up_bytes.mean()) if landed else 0.0,
                 "update_bytes_max": int(up_bytes.max()) if landed else 0,
             },
+            # Async downloads are always the full model (--downlink delta is sync-only).
+            "downlink": {
+                "cloud_to_gateway": {
+                    "bytes_each": self.m_bytes if a.new_version else 0,
+                    "gateways": len(self._gw_ids),
+                    "kind": "full",
+                },
+                "gateway_to_device": {
+                    "bytes_mean": float(self.m_bytes) if a.started else 0.0,
+                    "bytes_max": self.m_bytes if a.started else 0,
+                    "full": len(a.started),
+                    "delta": 0,
+                    "chain_steps_max": 0,
+                },
+            },
             "retransmitted_packets": int(col(landed, "retransmitted").sum()),
             "energy_mwh": {
                 "total": float(energy.sum()),

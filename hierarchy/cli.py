@@ -30,6 +30,7 @@ def _number(
 def _add_emulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from devices.lr_schedule import LR_SCHEDULES
     from hierarchy.emulate import BACKENDS, DATASETS
+    from hierarchy.transport import TRANSPORTS
 
     p = sub.add_parser(
         "emulate",
@@ -219,6 +220,38 @@ def _add_emulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         action="store_true",
         help="slow devices train fewer local steps so they meet --deadline-s",
     )
+    from devices.delta_chain import DELTA_CODECS
+
+    dl = p.add_argument_group("model downlink")
+    dl.add_argument(
+        "--downlink",
+        choices=("full", "delta"),
+        default=argparse.SUPPRESS,  # the real default depends on --mode
+        help="full: every download is the whole float32 model; delta: the cloud compresses "
+        "each global step (--downlink-codec, with server-side error feedback) and a device "
+        "holding a recent version gets the chain of steps from it, hash-verified (the full "
+        "model when its version is unknown, too old, or the chain is bigger) "
+        "(default: delta; full with --mode async, which supports only full)",
+    )
+    dl.add_argument(
+        "--downlink-codec",
+        choices=DELTA_CODECS,
+        default=argparse.SUPPRESS,  # the real default depends on --mode
+        help="delta: encoding of the broadcast step (default: int8)",
+    )
+    dl.add_argument(
+        "--downlink-topk-ratio",
+        type=_number(float, minimum=0, strict=True),
+        default=argparse.SUPPRESS,  # the real default depends on --mode
+        help="delta with a top-k codec: share of the parameters a step changes (default: 0.1)",
+    )
+    dl.add_argument(
+        "--downlink-history",
+        type=_number(int, minimum=1),
+        default=argparse.SUPPRESS,  # the real default depends on --mode
+        help="delta: how many versions back a chain may start (older holders get the full "
+        "model; default: 8)",
+    )
     am = p.add_argument_group("asynchronous rounds")
     am.add_argument(
         "--mode",
@@ -302,12 +335,23 @@ def _add_emulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         default=0.0,
         help="share of selected, reachable devices that drop out before reporting",
     )
+    p.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="direct",
+        help="how device updates reach their gateways: direct (in-process hand-over, fastest); "
+        "coap / mqtt: every device signs its real encoded update (Ed25519) and uploads it with "
+        "the real device client over loopback to real gateway servers (aiocoap per gateway / "
+        "a mosquitto broker started for the run), which validate it; the virtual clock still "
+        "times the links. Sync mode only",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_emulate)
 
 
 def _run_emulate(args: argparse.Namespace) -> int:
+    from cloud.downlink import DownlinkConfig
     from hierarchy.emulate import EmulationConfig, LocalConfig, run_emulation
     from hierarchy.privacy import PrivacyConfig
     from hierarchy.topology import TopologyError, load_topology
@@ -316,6 +360,27 @@ def _run_emulate(args: argparse.Namespace) -> int:
     if args.server_momentum >= 1:
         print("error: --server-momentum must be < 1", file=sys.stderr)
         return 2
+    # Unset --downlink* flags are absent from args (SUPPRESS): their defaults depend on --mode.
+    delta_flags = {
+        "--downlink-codec": getattr(args, "downlink_codec", None),
+        "--downlink-topk-ratio": getattr(args, "downlink_topk_ratio", None),
+        "--downlink-history": getattr(args, "downlink_history", None),
+    }
+    chosen = getattr(args, "downlink", None)
+    mode = chosen or ("full" if args.mode == "async" else "delta")
+    given = [flag for flag, v in delta_flags.items() if v is not None]
+    if mode == "full" and given:
+        print(f"error: {given[0]} applies to --downlink delta only", file=sys.stderr)
+        return 2
+    defaults = DownlinkConfig()
+    downlink = None
+    if chosen is not None or given:
+        downlink = DownlinkConfig(
+            mode=mode,
+            codec=delta_flags["--downlink-codec"] or defaults.codec,
+            topk_ratio=delta_flags["--downlink-topk-ratio"] or defaults.topk_ratio,
+            history=delta_flags["--downlink-history"] or defaults.history,
+        )
     try:
         topo = load_topology(args.topology)
     except TopologyError as e:
@@ -368,6 +433,8 @@ def _run_emulate(args: argparse.Namespace) -> int:
             retries=args.smpc_retries,
         ),
         dropout=args.dropout,
+        transport=args.transport,
+        downlink=downlink,
     )
     if args.no_smpc and args.privacy not in ("auto", "none"):
         print(f"error: --no-smpc contradicts --privacy {args.privacy}", file=sys.stderr)
@@ -400,6 +467,12 @@ def _run_emulate(args: argparse.Namespace) -> int:
         f"round latency p50 {s['round_latency_p50_s']:.2f} s"
         f" / p95 {s['round_latency_p95_s']:.2f} s "
         f"(emulated), wall {s['wall_total_s']:.1f} s"
+    )
+    dl = s["downlink"]
+    print(
+        f"downlink {report['config']['downlink']['mode']}: "
+        f"{dl['device_bytes_mean'] / 1e3:.1f} KB per device download "
+        f"({dl['device_delta']} delta chains, {dl['device_full']} full models)"
     )
     print(f"report: {args.out / 'report.json'}")
     return 1 if stopped and stopped["kind"] == "smpc-failure" else 0

@@ -13,21 +13,23 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cloud.downlink import DownlinkConfig
+from devices.held_model import RoundDownlink
 from devices.lr_schedule import check_lr_schedule, scheduled_lr
 from gateway.partial_aggregate import PartialAggregate
 from hierarchy.actors import (
+    VIRTUAL_EPOCH,
     CohortHost,
     CoordinatorHost,
     DatasetSpec,
     GatewayHost,
-    model_nbytes,
 )
 from hierarchy.backend import Backend, LocalBackend, RayBackend, gather, put
 from hierarchy.placement import plan_placement
@@ -42,6 +44,7 @@ from hierarchy.privacy import (
 )
 from hierarchy.timeline import STREAM_AVAIL, energy_mwh, gateway_model_arrival, quorum_count
 from hierarchy.topology import Topology, load_topology
+from hierarchy.transport import SOCKET_TRANSPORTS, TRANSPORTS, DeviceTransport, GatewayTransport
 from hierarchy.uplink import UplinkConfig
 
 DATASETS = ("har", "fashion", "digits")
@@ -106,6 +109,18 @@ class EmulationConfig:
     buffer_size: int | None = None  # async: updates per gateway flush (default: half its devices)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     dropout: float = 0.0  # share of reachable selected devices that drop before reporting
+    # How updates reach the gateways: "direct" (in-process hand-over), or each device's real
+    # signed envelope over real CoAP / MQTT on loopback (hierarchy.transport).
+    transport: str = "direct"
+    # None: the mode's default (delta chains in sync mode; async supports full only).
+    downlink: DownlinkConfig | None = None
+
+    @property
+    def effective_downlink(self) -> DownlinkConfig:
+        """The downlink this run uses (``downlink``, or the mode's default)."""
+        if self.downlink is not None:
+            return self.downlink
+        return DownlinkConfig(mode="full" if self.mode == "async" else "delta")
 
     def validate(self) -> None:
         """Name the first bad field; the CLI turns this into exit code 2."""
@@ -152,8 +167,36 @@ class EmulationConfig:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.buffer_size is not None and self.buffer_size < 1:
             raise ValueError(f"buffer-size must be >= 1, got {self.buffer_size}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(
+                f"unknown transport {self.transport!r}; choose one of {', '.join(TRANSPORTS)}"
+            )
+        if self.mode == "async" and self.transport != "direct":
+            # The gateway intake validates every update against the round it serves and
+            # the model it published; async devices train from different versions at once.
+            raise ValueError(
+                f"--transport {self.transport} with --mode async is not supported: the real "
+                "gateway intake takes updates for one round and model version at a time; "
+                "use --transport direct for async runs"
+            )
+        if self.transport != "direct" and self.privacy.mode == "device-shares":
+            raise ValueError(
+                f"--transport {self.transport} carries codec-encoded updates in signed envelopes; "
+                "device-shares updates are masked ring values: use --privacy gateway-trusted or "
+                "--no-smpc with it"
+            )
+        if self.transport != "direct" and self.ray_address:
+            raise ValueError(
+                f"--transport {self.transport} runs its gateway servers on loopback, so every "
+                "actor must be on this machine; it cannot be combined with --ray-address"
+            )
         if self.mode == "sync" and self.buffer_size is not None:
             raise ValueError("buffer-size applies to --mode async only")
+        self.effective_downlink.validate()
+        if self.mode == "async" and self.effective_downlink.mode != "full":
+            raise ValueError(
+                "--downlink delta is not supported with --mode async yet; use --downlink full"
+            )
         if self.mode == "async":
             for flag, used in (
                 ("deadline-s", self.deadline_s is not None),
@@ -211,6 +254,48 @@ def _merge_stats(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: v[order] for k, v in merged.items()}
 
 
+def downlink_record(
+    stats: dict[str, np.ndarray], gw_download: dict[str, Any], gateways: int
+) -> dict[str, Any]:
+    """Per-tier download detail of one round: what each gateway and device received."""
+    down = stats["model_bytes"]
+    full = stats["download_full"].astype(bool)
+    n = int(down.size)
+    return {
+        "cloud_to_gateway": {
+            "bytes_each": int(gw_download["bytes"]),
+            "gateways": gateways,
+            "kind": "full" if gw_download["full"] else "delta",
+        },
+        "gateway_to_device": {
+            "bytes_mean": float(down.mean()) if n else 0.0,
+            "bytes_max": int(down.max()) if n else 0,
+            "full": int(full.sum()),
+            "delta": int(n - full.sum()),
+            "chain_steps_max": int(stats["download_steps"].max()) if n else 0,
+        },
+    }
+
+
+def downlink_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Downloads over the whole run: bytes per device download, full vs delta counts."""
+    dev = [r["downlink"]["gateway_to_device"] for r in rounds]
+    count = sum(d["full"] + d["delta"] for d in dev)
+    return {
+        "device_bytes_mean": float(sum(r["bytes"]["device_down"] for r in rounds) / count)
+        if count
+        else 0.0,
+        "device_bytes_max": max((d["bytes_max"] for d in dev), default=0),
+        "device_full": sum(d["full"] for d in dev),
+        "device_delta": sum(d["delta"] for d in dev),
+        "gateway_bytes_mean": float(
+            np.mean([r["downlink"]["cloud_to_gateway"]["bytes_each"] for r in rounds])
+        )
+        if rounds
+        else 0.0,
+    }
+
+
 def _make_backend(cfg: EmulationConfig) -> Backend:
     if cfg.backend == "local":
         return LocalBackend()
@@ -231,6 +316,9 @@ class Emulation:
         self._availability = np.array([d.availability for d in nodes])
         self._power = np.array([d.power_w for d in nodes])
         self.battery = np.array([d.battery_mwh for d in nodes], dtype=np.float64)
+        # The model version (hash) each device and the gateways last downloaded: None = nothing.
+        self._held: list[str | None] = [None] * len(nodes)
+        self._gateway_held: str | None = None
         gw_pos = {g: i for i, g in enumerate(self.topo.gateways)}
         self._gateway_of = np.array([gw_pos[d.gateway] for d in nodes], dtype=np.int64)
         sizes = [d.samples for d in self.topo.devices.values()]
@@ -241,6 +329,8 @@ class Emulation:
             cfg.alpha,
             tuple(int(s) for s in sizes) if all(s is not None for s in sizes) else None,  # type: ignore[arg-type]
         )
+        self.clock_s = 0.0  # emulated seconds before the next round (envelope timestamps)
+        self.broker: Any = None  # the MQTT transport's mosquitto (owned by this driver)
         self.privacy, self.privacy_note = resolve_mode(
             cfg.privacy, cfg.backend, cfg.mode == "async"
         )
@@ -260,9 +350,17 @@ class Emulation:
         try:
             self._build()
         except BaseException:
-            self.backend.shutdown()
+            try:
+                self._stop_transport()
+            finally:
+                self.backend.shutdown()
             raise
         self.setup_wall_s = time.perf_counter() - t0
+
+    @property
+    def sockets(self) -> bool:
+        """True when updates travel over real CoAP/MQTT instead of the direct hand-over."""
+        return self.cfg.transport in SOCKET_TRANSPORTS
 
     def _build(self) -> None:
         cfg, topo = self.cfg, self.topo
@@ -285,11 +383,20 @@ class Emulation:
             cfg.server_lr,
             cfg.server_momentum,
             cfg.seed,
+            downlink=cfg.effective_downlink,
         )
         info = gather([self.coordinator.call("info")])[0]
         self.num_params = int(info["num_params"])
         self.initial_hash = str(info["hash"])
         gw_index = {g: i for i, g in enumerate(topo.gateways)}
+        if cfg.transport == "mqtt":
+            from gateway.broker import MosquittoBroker
+
+            # One broker for the fleet, as an operator would run; stopped by its PID in close().
+            self.broker = MosquittoBroker().start()
+        members: dict[str, list[str]] = {g: [] for g in topo.gateways}
+        for d in topo.devices.values():
+            members[d.gateway].append(d.id)
         self.hosts = [
             self.backend.spawn(
                 GatewayHost,
@@ -298,11 +405,18 @@ class Emulation:
                 self.num_params,
                 cfg.seed,
                 resources=plan.resources,
+                **self._host_transport(plan.gateways, members),
             )
             for plan in self.placement.gateway_hosts
         ]
         host_of = self.placement.host_of()
         gateway_handles = {g: self.hosts[host_of[g]] for g in topo.gateways}
+        device_transport: dict[str, Any] = {}
+        if self.sockets:
+            endpoints: dict[str, str] = {}
+            for eps in gather([h.call("endpoints") for h in self.hosts]):
+                endpoints.update(eps)
+            device_transport["transport"] = DeviceTransport(cfg.transport, cfg.seed, endpoints)
         nodes = list(topo.devices.values())
         self.trainers = [
             self.backend.spawn(
@@ -316,6 +430,7 @@ class Emulation:
                 # round on a shared 2-core machine (the small per-device kernels spin).
                 threads=1,
                 num_cpus=1 if cfg.backend == "ray" else 0,
+                **device_transport,
             )
             for idx in self.placement.trainers
         ]
@@ -332,6 +447,34 @@ class Emulation:
             if self.secure is not None
             else [],
         }
+
+    def _host_transport(
+        self, gateways: list[str], members: dict[str, list[str]]
+    ) -> dict[str, Any]:
+        """The ``transport`` argument of a gateway host (none for the direct transport)."""
+        if not self.sockets:
+            return {}
+        spec = GatewayTransport(
+            self.cfg.transport,
+            self.cfg.seed,
+            {g: tuple(members[g]) for g in gateways},
+            broker=self.broker.url if self.broker is not None else None,
+        )
+        return {"transport": spec}
+
+    def _stop_transport(self) -> None:
+        """Close the devices' clients, then the gateways' servers, then the broker (by PID)."""
+        try:
+            if self.sockets:
+                for group in (getattr(self, "trainers", []), getattr(self, "hosts", [])):
+                    try:
+                        gather([a.call("stop_transport") for a in group])
+                    except Exception as e:  # a dead actor must not keep the broker alive
+                        print(f"warning: stopping the transport: {e}", file=sys.stderr)
+        finally:
+            if self.broker is not None:
+                self.broker.close()
+                self.broker = None
 
     def _start_parties(self) -> None:
         """K CrypTen aggregator parties (one process each; + a dealer for the secure clip)."""
@@ -433,41 +576,64 @@ class Emulation:
             "battery_skipped": int(avail.size - eligible.size),
         }
 
+    def plan_downlink(self, devices: Sequence[int]) -> RoundDownlink:
+        """Ask the cloud for the current version's downloads for these devices and the gateways.
+
+        The versions come from what the devices (and gateways) last downloaded;
+        the trainers hosting the devices check them again against what each
+        device really holds, so a disagreement fails the round.
+        """
+        bases = {self._held[i] for i in devices} | {self._gateway_held}
+        return gather([self.coordinator.call("downloads", sorted(bases, key=str))])[0]
+
     def run_round(self, round_: int) -> dict[str, Any]:
         from devices.training import LocalTrainingConfig
 
         cfg, topo = self.cfg, self.topo
         wall0 = time.perf_counter()
-        params_ref = put(gather([self.coordinator.call("params")])[0])
-        m_bytes = model_nbytes(self.num_params)
-        starts = {
-            g: gateway_model_arrival(node, i, seed=cfg.seed, round_=round_, model_bytes=m_bytes)
-            for i, (g, node) in enumerate(topo.gateways.items())
-        }
         sel = self.select(round_)
         selected = sel["reachable"]
+        downlink = self.plan_downlink(selected)
+        downlink_ref = put(downlink)
+        # Every gateway holds the version the previous round pushed (sync: all get each push).
+        gw_bytes = downlink.nbytes_for(self._gateway_held)
+        starts = {
+            g: gateway_model_arrival(node, i, seed=cfg.seed, round_=round_, model_bytes=gw_bytes)
+            for i, (g, node) in enumerate(topo.gateways.items())
+        }
+        if self.sockets:
+            # Each gateway's intake opens the round at the virtual instant it has the model.
+            params_ref = put(gather([self.coordinator.call("params")])[0])
+            opened = {g: VIRTUAL_EPOCH + self.clock_s + s for g, s in starts.items()}
+            gather([h.call("open_round", round_, params_ref, opened) for h in self.hosts])
         lr = scheduled_lr(cfg.local.lr, round_, cfg.rounds, cfg.lr_schedule, cfg.lr_final)
         local = LocalTrainingConfig(**{**asdict(cfg.local), "lr": lr})
-        stats = _merge_stats(
-            gather(
-                [
-                    t.call(
-                        "train_round",
-                        round_,
-                        params_ref,
-                        local,
-                        selected,
-                        starts,
-                        cfg.seed,
-                        cfg.uplink,
-                        cfg.deadline_s,
-                        cfg.adaptive_work,
-                        self.device_privacy(),
-                    )
-                    for t in self.trainers
-                ]
-            )
+        parts = gather(
+            [
+                t.call(
+                    "train_round",
+                    round_,
+                    downlink_ref,
+                    local,
+                    selected,
+                    starts,
+                    cfg.seed,
+                    cfg.uplink,
+                    cfg.deadline_s,
+                    cfg.adaptive_work,
+                    self.device_privacy(),
+                    self.clock_s,
+                )
+                for t in self.trainers
+            ]
         )
+        # Trainers hand over in parallel (on Ray): the longest one is the round's cost.
+        wall_transport = max(float(p.pop("transport_wall_s", np.zeros(1))[0]) for p in parts)
+        stats = _merge_stats(parts)
+        for d in stats["device"]:
+            self._held[int(d)] = downlink.hash
+        gw_full = self._gateway_held not in downlink.chains
+        self._gateway_held = downlink.hash
         wall_train = time.perf_counter() - wall0
         # Quorum counts are per gateway, of the devices it was told to expect (sampled),
         # including those that will never report.
@@ -492,6 +658,8 @@ class Emulation:
             )
             for c in cs
         ]
+        if self.sockets:
+            self._add_intake_rejections(round_, closes)
         energy = np.array(
             [
                 energy_mwh(self._power[d], c, dl + ul)
@@ -538,12 +706,30 @@ class Emulation:
             sel,
             wall,
             wall_train,
-            m_bytes,
+            {"bytes": gw_bytes, "full": gw_full},
             secure,
             wall_phases,
         )
         rec["lr"] = lr
+        rec["wall_transport_s"] = wall_transport
+        rec["transport_rtt_s"] = _percentiles(stats["transport_rtt_s"])
+        rec["transport_failed"] = int(stats["transport_failed"].sum())
+        self.clock_s += rec["latency_s"]
         return rec
+
+    def _add_intake_rejections(self, round_: int, closes: list[dict[str, Any]]) -> None:
+        """Close the round on the real intakes and count what they refused, by reason code.
+
+        Those updates never reached a gateway host's buffer, so ``close`` did not see them.
+        """
+        refused: dict[str, dict[str, int]] = {}
+        for per_gateway in gather([h.call("end_round", round_) for h in self.hosts]):
+            refused.update(per_gateway)
+        for c in closes:
+            gateway = c["gateway"] if "gateway" in c else c["partial"].gateway
+            for reason, n in refused.get(gateway, {}).items():
+                c["rejected_by_reason"][reason] = c["rejected_by_reason"].get(reason, 0) + n
+                c["rejected"] += n
 
     def check_budget(self, round_: int) -> None:
         """Before a round: stop if running it would take epsilon past the budget."""
@@ -626,7 +812,7 @@ class Emulation:
         sel: dict[str, Any],
         wall: float,
         wall_train: float,
-        m_bytes: int,
+        gw_download: dict[str, Any],
         secure: dict[str, Any] | None = None,
         wall_phases: dict[str, float] | None = None,
     ) -> dict[str, Any]:
@@ -711,10 +897,11 @@ class Emulation:
                 "device_down": int(stats["model_bytes"].sum()),
                 "gateway_up": int(sum(c["uplink_bytes"] for c in closes)),
                 "cloud_parties": int(secure.get("party_bytes", 0)),
-                "gateway_down": m_bytes * len(self.topo.gateways),
+                "gateway_down": int(gw_download["bytes"]) * len(self.topo.gateways),
                 "update_bytes_mean": float(stats["update_bytes"].mean()) if n else 0.0,
                 "update_bytes_max": int(stats["update_bytes"].max()) if n else 0,
             },
+            "downlink": downlink_record(stats, gw_download, len(self.topo.gateways)),
             "retransmitted_packets": int(stats["retransmitted"].sum()),
             "energy_mwh": {
                 "total": float(energy.sum()),
@@ -736,8 +923,11 @@ class Emulation:
 
     def close(self) -> None:
         try:
-            if self.secure is not None:
-                self.secure.shutdown()
+            try:
+                self._stop_transport()
+            finally:
+                if self.secure is not None:
+                    self.secure.shutdown()
         finally:
             self.backend.shutdown()
 
@@ -853,6 +1043,7 @@ def build_report(
         "tierfl": "0.1.0",
         "config": {
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+            "downlink": asdict(cfg.effective_downlink),
             "model": emu.model_name,
         },
         "topology": {
@@ -893,8 +1084,10 @@ def build_report(
             "total_bytes_down": int(
                 sum(r["bytes"]["device_down"] + r["bytes"]["gateway_down"] for r in rounds)
             ),
+            "downlink": downlink_summary(rounds),
             "stragglers": int(sum(r["stragglers"] for r in rounds)),
             "wall_setup_s": emu.setup_wall_s,
+            "wall_transport_s": float(sum(r.get("wall_transport_s", 0.0) for r in rounds)),
             "wall_total_s": total_wall,
             "client_updates_per_s": (sum(r["participants"] for r in steady) / steady_wall)
             if steady_wall > 0

@@ -67,8 +67,8 @@ def plot_report(report: dict[str, Any], out: Path) -> list[Path]:
     plt.close(fig)
     paths.append(p)
 
-    # Bytes per tier and device energy, round by round.
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.6, 3.8))
+    # Bytes per tier, model downloads per device, and device energy, round by round.
+    fig, (ax1, ax3, ax2) = plt.subplots(1, 3, figsize=(13.6, 3.8))
     for key, label in (
         ("device_up", "device → gateway"),
         ("device_down", "gateway → device"),
@@ -84,6 +84,24 @@ def plot_report(report: dict[str, Any], out: Path) -> list[Path]:
     ax1.set_yscale("log")
     ax1.legend(fontsize=7)
     ax1.grid(alpha=0.3)
+    if all("downlink" in r for r in rounds):
+        dev = [r["downlink"]["gateway_to_device"] for r in rounds]
+        ax3.plot(x, [d["bytes_mean"] / 1e3 for d in dev], marker="o", ms=2, label="device mean")
+        ax3.plot(x, [d["bytes_max"] / 1e3 for d in dev], marker="o", ms=2, label="device max")
+        ax3.plot(
+            x,
+            [r["downlink"]["cloud_to_gateway"]["bytes_each"] / 1e3 for r in rounds],
+            marker="o",
+            ms=2,
+            label="per gateway",
+        )
+        ax3.set_ylim(bottom=0)
+        ax3.set_ylabel("model download (KB)")
+        share = sum(d["delta"] for d in dev) / max(1, sum(d["delta"] + d["full"] for d in dev))
+        ax3.set_title(f"{share:.0%} of device downloads were delta chains", fontsize=8)
+        ax3.legend(fontsize=7)
+    ax3.set_xlabel("round")
+    ax3.grid(alpha=0.3)
     if all("energy_mwh" in r for r in rounds):
         ax2.plot(x, [r["energy_mwh"]["total"] for r in rounds], marker="o", ms=2, label="total")
         ax2.plot(

@@ -79,6 +79,14 @@ def test_registry_from_directory_and_files(tmp_path: Path) -> None:
     assert DeviceRegistry.load(tmp_path / "reg.toml").to_hex() == expected
 
 
+def test_registry_remove_revokes_a_device() -> None:
+    reg = DeviceRegistry({"d1": generate_keypair(), "d2": generate_keypair()})
+    reg.remove("d1")
+    assert sorted(reg) == ["d2"] and reg.get("d1") is None
+    with pytest.raises(KeyError, match="'d1' is not registered"):
+        reg.remove("d1")
+
+
 @pytest.mark.parametrize(
     ("name", "text", "needle"),
     [

@@ -11,6 +11,7 @@ import ipaddress
 import os
 import queue
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -340,6 +341,20 @@ def test_username_password_auth_and_wrong_password_refused() -> None:
             MqttIntake(make_service(), bad, reconnect_min_s=1).start(timeout=5)
 
 
+def test_device_client_close_releases_its_sockets(broker: MosquittoBroker) -> None:
+    """paho frees its wake-up socket pair only at garbage collection; close() must not wait.
+
+    The emulator reconnects hundreds of device clients in one process, and paho's
+    select() loop breaks once descriptors pass 1024.
+    """
+    fds = len(os.listdir("/proc/self/fd"))
+    for i in range(20):
+        client = MqttDeviceClient(GW, f"dev{i % 16}", host=broker.host, port=broker.port)
+        client.connect(timeout=10)
+        client.close()
+    assert len(os.listdir("/proc/self/fd")) <= fds
+
+
 def test_broker_is_stopped_by_its_pid() -> None:
     b = MosquittoBroker().start()
     pid = b.pid
@@ -456,3 +471,88 @@ def test_inline_mode_answers_in_the_network_thread(broker: MosquittoBroker) -> N
             assert dev.send(b"junk").reason == "malformed"
         assert intake.wait_idle(5)
     assert svc.close_round().count == 1
+
+
+# --- liveness: online / offline, and the will when the gateway dies -------------------
+
+
+class StatusWatcher:
+    def __init__(self, broker: MosquittoBroker, topic: str) -> None:
+        import json
+
+        self.seen: queue.Queue[dict[str, Any]] = queue.Queue()
+        ready = threading.Event()
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"status-{os.getpid()}-{id(self)}")
+        c.on_connect = lambda cl, *_: cl.subscribe(topic, qos=1)
+        c.on_subscribe = lambda *_: ready.set()
+        c.on_message = lambda _c, _u, m: self.seen.put(json.loads(bytes(m.payload)))
+        c.connect(broker.host, broker.port)
+        c.loop_start()
+        assert ready.wait(10)
+        self.client = c
+
+    def next_state(self, state: str, timeout: float = 10.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            doc = self.seen.get(timeout=max(0.01, deadline - time.monotonic()))
+            if doc["state"] == state:
+                return doc
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_status_is_online_then_offline_on_a_clean_stop(broker: MosquittoBroker) -> None:
+    from gateway.mqtt import status_topic
+
+    lst = MqttListener(enabled=True, broker=broker.url, client_id="gw-live+1")
+    watch = StatusWatcher(broker, status_topic("gw-live+1"))
+    try:
+        intake = MqttIntake(make_service(), lst).start(timeout=10)
+        assert intake.status_topic == "tierfl/status/gw-live_1"  # no wildcard in the topic
+        assert watch.next_state("online")["gateways"] == [GW]
+        intake.stop()
+        assert watch.next_state("offline")["reason"] == "stopped"
+    finally:
+        watch.close()
+
+
+def test_a_killed_gateway_is_announced_offline_by_its_will(broker: MosquittoBroker) -> None:
+    """SIGKILL leaves no DISCONNECT: the broker publishes the intake's will, retained."""
+    from gateway.mqtt import status_topic
+
+    root = Path(__file__).resolve().parents[2]
+    code = (
+        "import sys, time\n"
+        "from tests.gateway.test_mqtt import make_service\n"
+        "from gateway.config import MqttListener\n"
+        "from gateway.mqtt import MqttIntake\n"
+        f"MqttIntake(make_service(), MqttListener(enabled=True, broker={broker.url!r}, "
+        "client_id='gw-doomed')).start(timeout=10)\n"
+        "print('up', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    watch = StatusWatcher(broker, status_topic("gw-doomed"))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
+        watch.next_state("online")
+        proc.kill()
+        proc.wait(10)
+        assert watch.next_state("offline", timeout=15)["reason"] == "connection lost"
+    finally:
+        proc.kill()
+        watch.close()
+    # Retained: a device that subscribes later still learns the gateway is gone.
+    late = StatusWatcher(broker, status_topic("gw-doomed"))
+    try:
+        assert late.next_state("offline")["gateways"] == [GW]
+    finally:
+        late.close()

@@ -92,6 +92,21 @@ def test_accept_then_duplicate_counted_once() -> None:
     assert (h["accepted"], h["duplicates"], h["rejected"], h["open"]) == (1, 1, 0, False)
 
 
+def test_accept_listeners_see_each_accepted_update_once() -> None:
+    svc, base, _ = make_service()
+    seen: list[Any] = []
+    svc.on_accept(seen.append)
+    svc.on_accept(lambda update: 1 / 0)  # a broken listener neither stops others nor the intake
+    data = make_update(base)
+    assert svc.submit(data, "coap").status == "accepted"
+    assert svc.submit(data, "coap").status == "duplicate"
+    assert svc.submit(make_update(base, "d2", x=delta(100.0)), "coap").reason == "norm-bound"
+    assert [(u.device, u.round, u.samples, u.transport) for u in seen] == [
+        ("d1", ROUND, 10, "coap")
+    ]
+    np.testing.assert_array_equal(seen[0].delta, delta())
+
+
 def _bad_sig(base: str) -> bytes:
     data = bytearray(make_update(base))
     data[-1] ^= 0x40

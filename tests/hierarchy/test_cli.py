@@ -14,6 +14,13 @@ from .test_emulate import SMOKE
         (["emulate", str(SMOKE), "--lr", "-1"], "--lr: must be > 0"),
         (["emulate", str(SMOKE), "--strategy", "fedprox"], "invalid choice: 'fedprox'"),
         (["emulate"], "the following arguments are required: topology"),
+        (["emulate", str(SMOKE), "--downlink", "sparse"], "invalid choice: 'sparse'"),
+        (["emulate", str(SMOKE), "--downlink-codec", "f32"], "invalid choice: 'f32'"),
+        (["emulate", str(SMOKE), "--downlink-history", "0"], "--downlink-history: must be >= 1"),
+        (
+            ["emulate", str(SMOKE), "--downlink-topk-ratio", "0"],
+            "--downlink-topk-ratio: must be > 0",
+        ),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )
@@ -31,6 +38,26 @@ def test_bad_topology_files_exit_2(tmp_path, capsys):
     bad.write_text("this is not graphml")
     assert main(["emulate", str(bad)]) == 2
     assert "bad.graphml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (
+            ["--downlink", "full", "--downlink-codec", "int4"],
+            "--downlink-codec applies to --downlink delta only",
+        ),
+        (
+            ["--mode", "async", "--downlink-history", "3"],
+            "--downlink-history applies to --downlink delta only",
+        ),
+        (["--mode", "async", "--downlink", "delta"], "not supported with --mode async"),
+        (["--downlink-topk-ratio", "1.5"], "downlink-topk-ratio must be in (0, 1]"),
+    ],
+)
+def test_contradictory_downlink_flags_exit_2(argv, needle, capsys):
+    assert main(["emulate", str(SMOKE), *argv]) == 2
+    assert needle in capsys.readouterr().err
 
 
 def test_momentum_must_be_below_one(capsys):
@@ -55,5 +82,9 @@ def test_help_documents_every_flag(capsys):
         "--gateway-hosts",
         "--alpha",
         "--max-steps",
+        "--downlink",
+        "--downlink-codec",
+        "--downlink-topk-ratio",
+        "--downlink-history",
     ):
         assert flag in text

@@ -9,11 +9,19 @@ from pathlib import Path
 
 import pytest
 
+from cloud.downlink import DownlinkConfig
 from hierarchy.emulate import EmulationConfig, LocalConfig, run_emulation
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "topologies" / "smoke.graphml"
-WALL_KEYS = {"wall_s", "wall_train_s", "wall_close_s", "wall_cloud_s"}
+WALL_KEYS = {
+    "wall_s",
+    "wall_train_s",
+    "wall_close_s",
+    "wall_cloud_s",
+    "wall_transport_s",
+    "transport_rtt_s",
+}
 
 
 def _strip_wall(report: dict) -> dict:
@@ -57,6 +65,10 @@ def ray_report(tmp_path_factory):
         "3",
         "--lr",
         "0.1",
+        "--downlink",
+        "delta",
+        "--downlink-codec",
+        "int8",
         "--out",
         str(out),
         "--quiet",
@@ -133,6 +145,7 @@ def test_same_seed_same_report_across_backends(ray_report):
         local=LocalConfig(lr=0.1),
         backend="local",
         plots=False,
+        downlink=DownlinkConfig(mode="delta", codec="int8"),
     )
     local = run_emulation(cfg, progress=False)
     a, b = _strip_wall(report), _strip_wall(local)
@@ -153,6 +166,53 @@ def test_same_seed_same_report_across_backends(ray_report):
         assert ra == rb
     again = run_emulation(cfg, progress=False)
     assert _strip_wall(again) == _strip_wall(local)  # bit-identical in one placement
+
+
+def test_delta_downlink_through_ray_sends_fewer_bytes_than_full(ray_report):
+    """Same run with the full model as every download: chains cost ~1/4, accuracy holds."""
+    _, delta, _ = ray_report
+    full = run_emulation(
+        EmulationConfig(
+            topology=SMOKE,
+            rounds=6,
+            dataset="digits",
+            seed=3,
+            local=LocalConfig(lr=0.1),
+            backend="local",
+            plots=False,
+            downlink=DownlinkConfig(mode="full"),
+        ),
+        progress=False,
+    )
+    assert delta["config"]["downlink"]["mode"] == "delta"
+    assert full["config"]["downlink"]["mode"] == "full"
+    model_bytes = 4 * delta["model"]["params"]
+    for rd, rf in zip(delta["rounds"], full["rounds"], strict=True):
+        dd, df = rd["downlink"], rf["downlink"]
+        # the full run: everyone gets the model, every round
+        assert df["gateway_to_device"]["delta"] == 0
+        assert df["gateway_to_device"]["bytes_mean"] > model_bytes
+        assert df["cloud_to_gateway"]["kind"] == "full"
+        n = dd["gateway_to_device"]["full"] + dd["gateway_to_device"]["delta"]
+        assert n == rd["selected"] - rd["unavailable"]  # every device that trained downloaded
+        mean = dd["gateway_to_device"]["bytes_mean"]
+        assert rd["bytes"]["device_down"] == pytest.approx(mean * n)
+        assert rd["bytes"]["gateway_down"] == dd["cloud_to_gateway"]["bytes_each"] * 2
+        if rd["round"] == 1:  # nobody holds a model yet
+            assert dd["gateway_to_device"]["delta"] == 0
+            assert dd["cloud_to_gateway"]["kind"] == "full"
+        else:  # gateways and devices hold recent versions: int8 chains, ~1/4 of the model each
+            assert dd["cloud_to_gateway"]["kind"] == "delta"
+            assert dd["cloud_to_gateway"]["bytes_each"] < model_bytes / 3
+            assert dd["gateway_to_device"]["delta"] > 0
+            assert dd["gateway_to_device"]["bytes_mean"] < model_bytes / 2
+            assert rd["bytes"]["device_down"] < rf["bytes"]["device_down"] / 2
+    sd, sf = delta["summary"], full["summary"]
+    assert sd["total_bytes_down"] < sf["total_bytes_down"] / 2
+    assert sd["downlink"]["device_delta"] > sd["downlink"]["device_full"] > 0
+    assert sd["downlink"]["device_bytes_mean"] < sf["downlink"]["device_bytes_mean"] / 2
+    # compressed global steps with error feedback: the same learning, to within a point or two
+    assert sd["final_accuracy"] == pytest.approx(sf["final_accuracy"], abs=0.03)
 
 
 def test_deadline_produces_stragglers_and_excludes_them():
