@@ -396,6 +396,23 @@ class AggregatorParty:
         sp = share.expand()
         return self.submit_share(sp.round, sp.gateway, sp.share, sp.total_weight, sp.count)
 
+    def submit_batch(self, items: Sequence[Any]) -> int:
+        """Several gateways' shares in one call: ``SharedPartial``s and ``SeedShare``s."""
+        from gateway.secret_sharing import SeedShare, SharedPartial
+
+        for it in items:
+            if isinstance(it, SeedShare):
+                self.submit_seed(it)
+            elif isinstance(it, SharedPartial):
+                if it.party != self.rank:
+                    raise ValueError(
+                        f"party {self.rank}: share of {it.gateway!r} is for {it.party}"
+                    )
+                self.submit_share(it.round, it.gateway, it.share, it.total_weight, it.count)
+            else:
+                raise TypeError(f"party {self.rank}: cannot take a {type(it).__name__}")
+        return len(items)
+
     def received(self, round_: int) -> dict[str, tuple[int, float, int]]:
         """What this party holds for a round: gateway -> (length, total_weight, count)."""
         held = self._held.get(round_, {})

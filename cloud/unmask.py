@@ -201,6 +201,14 @@ class DeviceSharesParty(AggregatorParty):
             raise ValueError("; ".join(errors[:3]) + more)
         return {"rank": self.rank, "boxes": boxes, "seconds": time.perf_counter() - t0}
 
+    def submit_batch(self, items: Sequence[Any]) -> int:
+        """Forwards (``device-shares``) and/or shares, several gateways in one call."""
+        forwards = [it for it in items if isinstance(it, PartyForward)]
+        if forwards:
+            self.submit_forwards(forwards)
+        rest = [it for it in items if not isinstance(it, PartyForward)]
+        return len(forwards) + (super().submit_batch(rest) if rest else 0)
+
 
 class DeviceSharesAggregator(SecureAggregator):
     """K :class:`DeviceSharesParty` actors: gateway-trusted rounds plus ``device-shares`` rounds.

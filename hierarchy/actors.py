@@ -262,9 +262,7 @@ class CohortHost(Placed):
                 u_bytes = envelope_bytes(node.id, round_, base, samples, enc, stamp)
                 if self._links is not None:
                     sealed.append(
-                        self._links.seal(
-                            node.id, round_, base, samples, enc, VIRTUAL_EPOCH + stamp
-                        )
+                        self._links.seal(node.id, round_, base, samples, enc, VIRTUAL_EPOCH + stamp)
                     )
                     if len(sealed[-1]) != u_bytes:  # the size the virtual clock charged is exact
                         raise RuntimeError(
@@ -797,7 +795,7 @@ class GatewayHost(Placed):
         cloud parties and returns only public totals: no plaintext sum leaves it.
         """
         privacy = privacy or GatewayPrivacy("none")
-        out = []
+        out: list[dict[str, Any]] = []
         for g, node in self._gateways.items():
             subs = self._buffer.pop((round_, g), [])
             devices = [d for s in subs for d in s.devices]
@@ -834,11 +832,10 @@ class GatewayHost(Placed):
                     messages = share_partial_compact(partial, len(privacy.parties))
             if privacy.mode == "none":
                 assert partial is not None
-                nbytes, failed = partial.nbytes, []
+                nbytes = partial.nbytes
             else:
                 nbytes = sum(m.nbytes for m in messages)
                 self._sent[(round_, g)] = messages
-                failed = _deliver(messages, privacy.parties)
                 partial = None  # the plaintext sum never leaves the gateway
             uplink = gateway_uplink(
                 node, self._index[g], seed=self._seed, round_=round_, nbytes=nbytes
@@ -852,13 +849,21 @@ class GatewayHost(Placed):
                     "close_s": closed.close_s,
                     "uplink_s": uplink,
                     "uplink_bytes": nbytes,
-                    "undelivered_parties": failed,
+                    "undelivered_parties": [],
                     "stragglers": len(closed.stragglers),
                     "rejected": sum(rejected.values()),
                     "rejected_by_reason": rejected,
                     "folded": folded,
                 }
             )
+        if privacy.mode != "none":
+            # All hosted gateways' shares at once: one call per party, all in flight together.
+            failed = _deliver(
+                [m for (r, _g), ms in self._sent.items() if r == round_ for m in ms],
+                privacy.parties,
+            )
+            for c in out:
+                c["undelivered_parties"] = failed
         # Drop buffers of rounds that were never closed (a crashed driver loop), and
         # shares kept for a retry of rounds the cloud has finished.
         for key in [k for k in self._buffer if k[0] < round_]:
@@ -869,11 +874,9 @@ class GatewayHost(Placed):
 
     def resubmit(self, round_: int, parties: Sequence[Handle]) -> list[int]:
         """Send this round's shares/forwards again, to a fresh party group; failed ranks."""
-        failed: set[int] = set()
-        for (r, _g), messages in self._sent.items():
-            if r == round_:
-                failed.update(_deliver(messages, parties))
-        return sorted(failed)
+        return _deliver(
+            [m for (r, _g), ms in self._sent.items() if r == round_ for m in ms], parties
+        )
 
     def _aggregate(
         self,
@@ -1021,32 +1024,15 @@ class GatewayHost(Placed):
 def _deliver(messages: Sequence[Any], parties: Sequence[Handle]) -> list[int]:
     """Send shares / seed shares / forwards to their parties; the ranks that did not take them.
 
-    A dead or failing party is reported, not raised: the cloud's agreement then
-    excludes what it lacks, or the round fails there cleanly and is retried.
+    One ``submit_batch`` call per party carries everything for it, and all are
+    in flight at once. A dead or failing party is reported, not raised: the
+    cloud's agreement then excludes what it lacks, or the round fails there
+    cleanly and is retried.
     """
-    from gateway.masked_sum import PartyForward
-    from gateway.secret_sharing import SeedShare, SharedPartial
-
-    calls: list[tuple[int, Any]] = []
-    forwards: dict[int, list[PartyForward]] = {}
+    by_party: dict[int, list[Any]] = {}
     for m in messages:
-        if isinstance(m, PartyForward):
-            forwards.setdefault(m.party, []).append(m)
-        elif isinstance(m, SeedShare):
-            calls.append((m.party, parties[m.party].call("submit_seed", m)))
-        elif isinstance(m, SharedPartial):
-            calls.append(
-                (
-                    m.party,
-                    parties[m.party].call(
-                        "submit_share", m.round, m.gateway, m.share, m.total_weight, m.count
-                    ),
-                )
-            )
-        else:  # pragma: no cover - programming error
-            raise TypeError(f"cannot deliver {type(m).__name__}")
-    for k, fs in forwards.items():
-        calls.append((k, parties[k].call("submit_forwards", fs)))
+        by_party.setdefault(int(m.party), []).append(m)
+    calls = [(k, parties[k].call("submit_batch", ms)) for k, ms in sorted(by_party.items())]
     failed: set[int] = set()
     for rank, ref in calls:
         try:

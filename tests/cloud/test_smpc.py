@@ -193,13 +193,21 @@ def test_parties_take_seed_shares_and_reveal_the_same_sum(agg3):
     for g, x in enumerate(xs):
         for m in share_vector_compact(f"gw{g}", 40, x, 2.0, 3, 3):
             if isinstance(m, SeedShare):
-                ref = agg.party_handles[m.party].call("submit_seed", m)  # as a gateway host does
+                ref = agg.party_handles[m.party].call("submit_seed", m)
                 assert gather([ref]) == [2000]
             else:
                 agg.submit(m)
     res = agg.aggregate(40)
     np.testing.assert_allclose(res.values, np.sum(xs, axis=0), atol=4 * 2.0**-16)
     assert res.count == 12 and res.total_weight == 8.0
+    # What a gateway host does: everything for one party in one submit_batch call.
+    by_party: dict[int, list] = {}
+    for g, x in enumerate(xs):
+        for m in share_vector_compact(f"gw{g}", 41, x, 2.0, 3, 3):
+            by_party.setdefault(m.party, []).append(m)
+    refs = [agg.party_handles[k].call("submit_batch", ms) for k, ms in by_party.items()]
+    assert gather(refs) == [4, 4, 4]
+    np.testing.assert_allclose(agg.aggregate(41).values, res.values, atol=8 * 2.0**-16)
 
 
 def test_five_parties_reveal_the_sum_of_many_gateways(backend):
