@@ -18,17 +18,8 @@ from hierarchy.cli import main
 from hierarchy.emulate import Emulation, EmulationConfig, LocalConfig, run_emulation
 from hierarchy.privacy import PrivacyConfig
 
-from .test_emulate import SMOKE
-
 # Wall-clock measurements differ between any two runs; everything else must not.
-WALL_KEYS = {
-    "wall_s",
-    "wall_train_s",
-    "wall_close_s",
-    "wall_cloud_s",
-    "wall_transport_s",
-    "transport_rtt_s",
-}
+from .test_emulate import SMOKE, WALL_KEYS
 
 
 def _cfg(transport: str, **kw: Any) -> EmulationConfig:
