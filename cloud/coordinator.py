@@ -61,10 +61,24 @@ class Coordinator:
     def version(self) -> ModelVersion:
         return self.store.current
 
-    def apply(self, round_: int, partials: Sequence[PartialAggregate]) -> AppliedRound:
-        """Apply one round. A round where no device delivered keeps the model unchanged."""
+    def apply(
+        self,
+        round_: int,
+        partials: Sequence[PartialAggregate],
+        noise_std: float = 0.0,
+        noise_seed: int = 0,
+    ) -> AppliedRound:
+        """Apply one round. A round where no device delivered keeps the model unchanged.
+
+        ``noise_std``: central DP without SMPC (``--no-smpc``): the coordinator itself
+        adds N(0, noise_std^2) per coordinate to the sum, from a stream seeded by
+        (``noise_seed``, round); it sees the plaintext sums, unlike the secure path.
+        """
         delivered = [p for p in partials if p.count > 0]
         total, weight, count = combine(delivered, self.params.shape[0])
+        if noise_std > 0 and count > 0:
+            rng = np.random.default_rng([noise_seed, round_, 0xD9])
+            total = total + rng.normal(0.0, noise_std, size=total.shape)
         return self.apply_sum(round_, total, weight, count, len(delivered))
 
     def apply_sum(

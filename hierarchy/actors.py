@@ -1091,14 +1091,7 @@ class CoordinatorHost(Placed):
         noise_seed: int = 0,
     ) -> dict[str, Any]:
         """Plaintext path (``--no-smpc``): combine partials; central DP noise if asked for."""
-        from gateway.partial_aggregate import combine
-
-        delivered = [p for p in partials if p.count > 0]
-        total, weight, count = combine(delivered, self._coord.params.shape[0])
-        if noise_std > 0 and count > 0:
-            rng = np.random.default_rng([noise_seed, round_, 0xD9])
-            total = total + rng.normal(0.0, noise_std, size=total.shape)
-        return self._applied(self._coord.apply_sum(round_, total, weight, count, len(delivered)))
+        return self._applied(self._coord.apply(round_, partials, noise_std, noise_seed))
 
     def apply_sum(
         self, round_: int, total: np.ndarray, weight: float, count: int, gateways: int
