@@ -112,6 +112,7 @@ def party_share(
     forward: PartyForward,
     key: X25519PrivateKey | None,
     seeded: bool,
+    public_raw: bytes | None = None,
 ) -> SharedPartial:
     """Party ``forward.party``'s additive share of one unit (see the module docstring).
 
@@ -139,8 +140,10 @@ def party_share(
             )
         if key is None:
             raise ValueError(f"party {k}: no private key installed; cannot open sealed seeds")
+        # The party's public key enters every box's key derivation; derive it once.
+        mine = public_raw if public_raw is not None else key.public_key().public_bytes_raw()
         for d, box in zip(devices, forward.sealed, strict=True):
-            seed = open_seed(box, key, d, forward.round, k)
+            seed = open_seed(box, key, d, forward.round, k, public_raw=mine)
             share += device_mask(seed, k, n)  # ring addition
     elif forward.sealed:
         raise ValueError(f"{where}: sealed seeds for a party that devices do not seal to")
@@ -155,22 +158,28 @@ class DeviceSharesParty(AggregatorParty):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._key: X25519PrivateKey | None = None
+        self._public_raw: bytes | None = None  # the key's public half, derived once
         self._seeded = self.rank != 0
+
+    def _install(self, key: X25519PrivateKey) -> str:
+        self._key = key
+        self._public_raw = key.public_key().public_bytes_raw()
+        return self._public_raw.hex()
 
     def configure(self, key: bytes | None, seal_to_party0: bool = False) -> str | None:
         """Install this party's raw private key (emulation); returns its public key as hex."""
         self._seeded = self.rank != 0 or seal_to_party0
         if key is not None:
-            self._key = X25519PrivateKey.from_private_bytes(key)
-        return None if self._key is None else self._key.public_key().public_bytes_raw().hex()
+            return self._install(X25519PrivateKey.from_private_bytes(key))
+        return None if self._public_raw is None else self._public_raw.hex()
 
     def load_key(self, path: str, seal_to_party0: bool = False) -> str:
         """Load this party's own key file (a deployment); returns its public key as hex."""
         from cloud.party_keys import load_party_key
 
-        self._key = load_party_key(Path(path))
+        key = load_party_key(Path(path))
         self._seeded = self.rank != 0 or seal_to_party0
-        return self._key.public_key().public_bytes_raw().hex()
+        return self._install(key)
 
     def submit_forwards(self, forwards: Sequence[PartyForward]) -> dict[str, Any]:
         """Unmask and register each forward (a resend of a unit replaces it).
@@ -186,7 +195,7 @@ class DeviceSharesParty(AggregatorParty):
                 errors.append(f"forward of {f.unit!r} is for party {f.party}, not {self.rank}")
                 continue
             try:
-                sp = party_share(f, self._key, self._seeded)
+                sp = party_share(f, self._key, self._seeded, self._public_raw)
             except ValueError as exc:  # SealError is a ValueError
                 errors.append(str(exc))
                 continue

@@ -201,23 +201,6 @@ def _raw(pub: X25519PublicKey) -> bytes:
     return pub.public_bytes_raw()
 
 
-_PUBLIC_OF: dict[int, tuple[X25519PrivateKey, bytes]] = {}
-
-
-def _public_raw(key: X25519PrivateKey) -> bytes:
-    """The raw public key of a party's private key, computed once per key object.
-
-    Deriving it is a scalar multiplication (~50 us here): a party opening
-    thousands of boxes a round would otherwise pay it for every box.
-    """
-    hit = _PUBLIC_OF.get(id(key))
-    if hit is None or hit[0] is not key:
-        if len(_PUBLIC_OF) > 64:
-            _PUBLIC_OF.clear()
-        hit = _PUBLIC_OF[id(key)] = (key, _raw(key.public_key()))
-    return hit[1]
-
-
 def seal_seed(
     seed: bytes,
     party_key: X25519PublicKey,
@@ -249,9 +232,18 @@ def seal_seed(
 
 
 def open_seed(
-    sealed: bytes, private_key: X25519PrivateKey, device: str, round_: int, party: int
+    sealed: bytes,
+    private_key: X25519PrivateKey,
+    device: str,
+    round_: int,
+    party: int,
+    public_raw: bytes | None = None,
 ) -> bytes:
-    """Open a box sealed by :func:`seal_seed`; :class:`SealError` names device, round and party."""
+    """Open a box sealed by :func:`seal_seed`; :class:`SealError` names device, round and party.
+
+    ``public_raw``: ``private_key``'s raw public key, when the caller opens many
+    boxes (deriving it is a scalar multiplication, ~50 us each time).
+    """
     where = f"sealed seed of device {device!r} for party {party}, round {round_}"
     if not isinstance(sealed, bytes | bytearray) or len(sealed) != SEALED_BYTES:
         n = len(sealed) if isinstance(sealed, bytes | bytearray) else type(sealed).__name__
@@ -261,7 +253,8 @@ def open_seed(
         shared = private_key.exchange(X25519PublicKey.from_public_bytes(eph_pub))
     except ValueError:
         raise SealError(f"{where}: invalid ephemeral key (tampered)") from None
-    key = _box_key(shared, eph_pub, _public_raw(private_key))
+    mine = public_raw if public_raw is not None else _raw(private_key.public_key())
+    key = _box_key(shared, eph_pub, mine)
     try:
         seed = ChaCha20Poly1305(key).decrypt(
             _NONCE, bytes(sealed[KEY_BYTES:]), associated_data(device, round_, party)
