@@ -86,7 +86,7 @@ class SecureAggregator:
         timeout_s: float = 60.0,
         start_timeout_s: float = 180.0,
         threads: int = 1,
-        resources: dict[str, float] | None = None,
+        pin_node: str | None = None,
     ) -> None:
         if parties < 2:
             raise ValueError(f"secure aggregation needs at least 2 parties, got {parties}")
@@ -101,9 +101,10 @@ class SecureAggregator:
         self.timeout_s = timeout_s
         self.start_timeout_s = start_timeout_s
         self.threads = threads
-        # Where the parties run (Ray custom resources): on a cluster, the node whose
-        # address is ``host``, because rank 0 serves the gloo rendezvous there.
-        self.resources = resources
+        # Where the parties run (a Ray node id): on a cluster, the node whose address is
+        # ``host``, because rank 0 serves the gloo rendezvous there. By id, not by the
+        # ``node:<ip>`` resource: nodes on one machine share an address.
+        self.pin_node = pin_node
         self._handles: list[Any] = []
         self._dealer: Any = None
         self._dealer_ref: Any = None
@@ -134,7 +135,7 @@ class SecureAggregator:
                 self.timeout_s,
                 self.threads,
                 num_cpus=0,
-                resources=self.resources,
+                pin_node=self.pin_node,
             )
             for r in range(self.parties)
         ]
@@ -146,7 +147,7 @@ class SecureAggregator:
                 self.host,
                 self.timeout_s,
                 num_cpus=0,
-                resources=self.resources,
+                pin_node=self.pin_node,
             )
             self._dealer_ref = self._dealer.call("serve")
         refs = [h.call("init") for h in self._handles]

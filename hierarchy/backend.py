@@ -72,6 +72,7 @@ class Backend:
         *args: Any,
         resources: dict[str, float] | None = None,
         num_cpus: float = 0,
+        pin_node: str | None = None,
         **kwargs: Any,
     ) -> Handle:
         raise NotImplementedError
@@ -92,6 +93,7 @@ class LocalBackend(Backend):
         *args: Any,
         resources: dict[str, float] | None = None,
         num_cpus: float = 0,
+        pin_node: str | None = None,
         **kwargs: Any,
     ) -> Handle:
         return LocalHandle(cls(*args, **kwargs))
@@ -135,9 +137,13 @@ class RayBackend(Backend):
                 kwargs["object_store_memory"] = 512 * 1024 * 1024
             ray.init(**kwargs)
 
+    def driver_node_id(self) -> str:
+        """The id of the Ray node this driver runs on."""
+        return str(self._ray.get_runtime_context().get_node_id())
+
     def driver_node_ip(self) -> str:
         """The address of the Ray node this driver runs on, as the cluster knows it."""
-        me = self._ray.get_runtime_context().get_node_id()
+        me = self.driver_node_id()
         for node in self._ray.nodes():
             if node.get("NodeID") == me:
                 return str(node["NodeManagerAddress"])
@@ -149,12 +155,17 @@ class RayBackend(Backend):
         *args: Any,
         resources: dict[str, float] | None = None,
         num_cpus: float = 0,
+        pin_node: str | None = None,
         **kwargs: Any,
     ) -> Handle:
+        """An actor; ``pin_node``: the Ray node id it must run on (hard affinity)."""
         remote_cls: Any = self._ray.remote(cls)
-        actor = remote_cls.options(num_cpus=num_cpus, resources=resources or {}).remote(
-            *args, **kwargs
-        )
+        options: dict[str, Any] = dict(num_cpus=num_cpus, resources=resources or {})
+        if pin_node is not None:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(pin_node, soft=False)
+        actor = remote_cls.options(**options).remote(*args, **kwargs)
         return RayHandle(actor)
 
     def cluster_resources(self) -> dict[str, float]:

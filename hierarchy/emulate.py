@@ -485,8 +485,8 @@ class Emulation:
         if self.cfg.ray_address:
             # On a cluster the parties run on the driver's (head, "cloud") node: rank 0
             # serves the gloo rendezvous at this node's address, which the others dial.
-            ip = self.backend.driver_node_ip()  # type: ignore[attr-defined]
-            kwargs.update(host=ip, resources={f"node:{ip}": 0.001})
+            be: Any = self.backend
+            kwargs.update(host=be.driver_node_ip(), pin_node=be.driver_node_id())
         if self.privacy == "device-shares":
             from cloud.party_keys import generate_party_keys, public_keys
             from cloud.unmask import DeviceSharesAggregator
