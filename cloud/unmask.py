@@ -63,7 +63,7 @@ norm bound) cannot run. What replaces it:
   ring values: any ring value decodes to a finite number.
 
 Keys: party k's X25519 private key (``cloud.party_keys``) is installed in its
-own process (:meth:`DeviceSharesParty.set_key` in emulation, or
+own process (:meth:`DeviceSharesParty.configure` in emulation, or
 :meth:`DeviceSharesParty.load_key` from the party's own file).
 """
 
@@ -81,7 +81,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from cloud.secure_aggregator import SecureAggregator, SecureSum
 from cloud.smpc import AggregatorParty
-from devices.masking import SealError, device_mask, open_seed
+from devices.masking import SealError, SeedOpener, device_mask
 from gateway.masked_sum import MaskedSum, PartyForward
 from gateway.secret_sharing import SharedPartial
 
@@ -110,15 +110,16 @@ def unit_base(key: str) -> str:
 
 def party_share(
     forward: PartyForward,
-    key: X25519PrivateKey | None,
+    opener: SeedOpener | X25519PrivateKey | None,
     seeded: bool,
-    public_raw: bytes | None = None,
 ) -> SharedPartial:
     """Party ``forward.party``'s additive share of one unit (see the module docstring).
 
     Opens the box of every listed device (a bad one raises :class:`SealError`
     naming the device), expands and sums their masks; party 0 adds the masked
     sum. ``seeded``: whether this party is one that devices seal seeds to.
+    ``opener``: the party's :class:`SeedOpener` (or bare private key, opened
+    without a cache).
     """
     k, n = forward.party, forward.num_params
     where = f"party {k}: {forward.gateway!r} unit {forward.unit!r} round {forward.round}"
@@ -138,12 +139,12 @@ def party_share(
             raise ValueError(
                 f"{where}: {len(forward.sealed)} sealed seeds for {len(devices)} devices"
             )
-        if key is None:
+        if opener is None:
             raise ValueError(f"party {k}: no private key installed; cannot open sealed seeds")
-        # The party's public key enters every box's key derivation; derive it once.
-        mine = public_raw if public_raw is not None else key.public_key().public_bytes_raw()
+        if isinstance(opener, X25519PrivateKey):
+            opener = SeedOpener(opener)
         for d, box in zip(devices, forward.sealed, strict=True):
-            seed = open_seed(box, key, d, forward.round, k, public_raw=mine)
+            seed = opener.open(box, d, forward.round, k)
             share += device_mask(seed, k, n)  # ring addition
     elif forward.sealed:
         raise ValueError(f"{where}: sealed seeds for a party that devices do not seal to")
@@ -157,21 +158,19 @@ class DeviceSharesParty(AggregatorParty):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._key: X25519PrivateKey | None = None
-        self._public_raw: bytes | None = None  # the key's public half, derived once
+        self._opener: SeedOpener | None = None  # the key and its box-key cache
         self._seeded = self.rank != 0
 
     def _install(self, key: X25519PrivateKey) -> str:
-        self._key = key
-        self._public_raw = key.public_key().public_bytes_raw()
-        return self._public_raw.hex()
+        self._opener = SeedOpener(key)
+        return self._opener.public_raw.hex()
 
     def configure(self, key: bytes | None, seal_to_party0: bool = False) -> str | None:
         """Install this party's raw private key (emulation); returns its public key as hex."""
         self._seeded = self.rank != 0 or seal_to_party0
         if key is not None:
             return self._install(X25519PrivateKey.from_private_bytes(key))
-        return None if self._public_raw is None else self._public_raw.hex()
+        return None if self._opener is None else self._opener.public_raw.hex()
 
     def load_key(self, path: str, seal_to_party0: bool = False) -> str:
         """Load this party's own key file (a deployment); returns its public key as hex."""
@@ -195,7 +194,7 @@ class DeviceSharesParty(AggregatorParty):
                 errors.append(f"forward of {f.unit!r} is for party {f.party}, not {self.rank}")
                 continue
             try:
-                sp = party_share(f, self._key, self._seeded, self._public_raw)
+                sp = party_share(f, self._opener, self._seeded)
             except ValueError as exc:  # SealError is a ValueError
                 errors.append(str(exc))
                 continue

@@ -129,5 +129,23 @@ def expand_mask(seed: bytes | int, index: int, n: int, label: bytes = b"share") 
     for part in (_DOMAIN, label, index.to_bytes(8, "big", signed=False), seed_b):
         h.update(len(part).to_bytes(4, "big") + part)
     stream = Cipher(algorithms.AES(h.digest(32)), modes.CTR(_ZERO_IV)).encryptor()
-    raw = stream.update(bytes(8 * n)) + stream.finalize()
-    return np.frombuffer(raw, dtype="<i8").astype(np.int64, copy=True)
+    # Encrypt zeros straight into the array's own buffer: no intermediate bytes
+    # objects, no copy (this runs once per device and party every round).
+    out = np.empty(n, dtype="<i8")
+    if n:
+        written = stream.update_into(_zeros(8 * n), memoryview(out).cast("B"))
+        if written != 8 * n:  # CTR is a stream mode: all bytes come out at once
+            raise RuntimeError(f"AES-CTR wrote {written} of {8 * n} bytes")
+    stream.finalize()
+    return out.view(np.int64)
+
+
+_ZERO_BUF = bytearray()
+
+
+def _zeros(nbytes: int) -> memoryview:
+    """A read-only view of ``nbytes`` zero bytes (one shared buffer, grown on demand)."""
+    global _ZERO_BUF
+    if len(_ZERO_BUF) < nbytes:
+        _ZERO_BUF = bytearray(nbytes)
+    return memoryview(_ZERO_BUF)[:nbytes].toreadonly()

@@ -1,7 +1,7 @@
 """The gateway's side of the ``device-shares`` mode: sum masked updates blind (numpy only).
 
 Each device sends ``masked_i = x_i - sum_k m_ik`` (uniform on the int64
-ring, see ``devices.masking``) plus one sealed 80-byte seed per seeded cloud
+ring, see ``devices.masking``) plus one sealed 92-byte seed per seeded cloud
 party. The gateway cannot unmask anything: it checks what it can check
 without plaintext (round, shape, dtype, one update per device, a box of the
 right size for every seeded party), adds the masked vectors in the ring (a
@@ -10,7 +10,7 @@ masked sum is still masked), and at round close forwards per party:
 - party 0: the masked sum ``M = sum_{i in D} masked_i`` (P int64, like a share
   in ``gateway-trusted`` mode), plus its boxes if it is seeded;
 - party k >= 1: the sorted list D of included devices and their boxes for k
-  (80 bytes + the id per device; no vector at all).
+  (92 bytes + the id per device; no vector at all).
 
 Dropouts cost nothing: a device that never arrived, or that the gateway
 dropped (:meth:`MaskedSum.drop`, e.g. after a party refused its box), is in

@@ -134,6 +134,9 @@ class CohortHost(Placed):
         self._trainer = CohortTrainer(model)
         self._feedback: dict[str, Any] = {}  # device id -> ErrorFeedback (its residual)
         self._models = HeldModels()  # the version each hosted device holds
+        # device-shares: each device's long-term X25519 sealing key (made on first
+        # use), whose cached per-party box keys make a round's sealing ~2 us a box.
+        self._sealing: dict[str, Any] = {}
         # Socket transports: the devices' keys and real clients (None: direct hand-over).
         self._links: Any = None
         if transport is not None and transport.kind != "direct":
@@ -237,7 +240,11 @@ class CohortHost(Placed):
             if privacy.clip_norm is not None:
                 delta = _clip(delta, privacy.clip_norm)
             if party_keys is not None:
-                from devices.masking import mask_update
+                from devices.masking import SealingKey, mask_update
+
+                sender = self._sealing.get(node.id)
+                if sender is None:
+                    sender = self._sealing[node.id] = SealingKey()
 
                 # Masked ring values cannot be compressed: the update is P int64 + the
                 # sealed seeds (MaskedUpdate.nbytes), inside a signed envelope.
@@ -248,6 +255,7 @@ class CohortHost(Placed):
                     party_keys,
                     weight=float(weights[k]),
                     seal_to_party0=privacy.seal_to_party0,
+                    sender=sender,
                 )
                 updates.append(mu)
                 u_bytes = mu.nbytes + ENVELOPE_OVERHEAD_BYTES

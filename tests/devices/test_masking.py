@@ -16,6 +16,8 @@ from devices.masking import (
     SEALED_BYTES,
     PartyPublicKeys,
     SealError,
+    SealingKey,
+    SeedOpener,
     clip_l2,
     device_mask,
     mask_update,
@@ -36,10 +38,11 @@ def test_a_sealed_seed_opens_only_for_its_party_device_and_round():
     priv, pub = _keys(3)
     seed = bytes(range(32))
     box = seal_seed(seed, pub.key(1), "gw0-d001", 7, 1)
-    assert len(box) == SEALED_BYTES == 80
+    assert len(box) == SEALED_BYTES == 92
     assert open_seed(box, priv[1], "gw0-d001", 7, 1) == seed
-    # Fresh ephemeral key per box: sealing twice gives unrelated bytes.
-    assert seal_seed(seed, pub.key(1), "gw0-d001", 7, 1) != box
+    # A throwaway sender key per box without a SealingKey: unrelated bytes each time.
+    again = seal_seed(seed, pub.key(1), "gw0-d001", 7, 1)
+    assert again[:32] != box[:32] and again[44:] != box[44:]
     for args in [
         (priv[1], "gw0-d002", 7, 1),  # another device
         (priv[1], "gw0-d001", 8, 1),  # another round
@@ -48,14 +51,58 @@ def test_a_sealed_seed_opens_only_for_its_party_device_and_round():
     ]:
         with pytest.raises(SealError, match="authentication failed"):
             open_seed(box, *args)
-    # Any flipped bit anywhere (ephemeral key, ciphertext, tag) is refused, naming the device.
-    for i in (0, 31, 32, 50, 63, 64, 79):
+    # Any flipped bit anywhere (sender key, nonce, ciphertext, tag) is refused, naming the device.
+    for i in (0, 31, 32, 43, 44, 62, 75, 76, 91):
         bad = bytearray(box)
         bad[i] ^= 0x10
         with pytest.raises(SealError, match=r"device 'gw0-d001' for party 1, round 7"):
             open_seed(bytes(bad), priv[1], "gw0-d001", 7, 1)
-    with pytest.raises(SealError, match="expected 80 bytes, got 79"):
+    with pytest.raises(SealError, match="expected 92 bytes, got 91"):
         open_seed(box[:-1], priv[1], "gw0-d001", 7, 1)
+
+
+def test_a_long_term_sealing_key_reuses_its_box_key_but_never_a_nonce():
+    priv, pub = _keys(3)
+    dev = SealingKey()
+    opener = SeedOpener(priv[2])
+    seed = bytes(range(32))
+    boxes = [seal_seed(seed, pub.keys[2], "gw0-d001", r, 2, sender=dev) for r in (3, 3, 4)]
+    # The box names its sender's public key; each box has its own random nonce,
+    # so even the same seed sealed twice in one round gives different ciphertexts.
+    assert {b[:32] for b in boxes} == {dev.public_raw}
+    assert len({b[32:44] for b in boxes}) == 3 and len({b[44:] for b in boxes}) == 3
+    assert [opener.open(b, "gw0-d001", r, 2) for b, r in zip(boxes, (3, 3, 4))] == [seed] * 3
+    # The cached box key is still bound to device, round and party by the associated data.
+    with pytest.raises(SealError, match="authentication failed"):
+        opener.open(boxes[0], "gw0-d001", 4, 2)
+    with pytest.raises(SealError, match="authentication failed"):
+        opener.open(boxes[0], "gw0-d009", 3, 2)
+    # Another party's opener (its own key) cannot open it, cached or not.
+    with pytest.raises(SealError, match="authentication failed"):
+        SeedOpener(priv[1]).open(boxes[0], "gw0-d001", 3, 2)
+    # A box whose sender key was swapped for another device's key fails too.
+    other = SealingKey()
+    forged = other.public_raw + boxes[0][32:]
+    with pytest.raises(SealError, match="authentication failed"):
+        opener.open(forged, "gw0-d001", 3, 2)
+
+
+def test_the_openers_cache_is_bounded():
+    priv, pub = _keys(2)
+    opener = SeedOpener(priv[1], max_senders=4)
+    senders = [SealingKey() for _ in range(10)]
+    for i, s in enumerate(senders):
+        box = seal_seed(bytes(32), pub.keys[1], f"d{i}", 1, 1, sender=s)
+        assert opener.open(box, f"d{i}", 1, 1) == bytes(32)
+    assert len(opener._aead) == 4  # the oldest senders were dropped
+    # A dropped sender still opens (its key is derived again).
+    box = seal_seed(b"z" * 32, pub.keys[1], "d0", 2, 1, sender=senders[0])
+    assert opener.open(box, "d0", 2, 1) == b"z" * 32
+
+
+def test_a_low_order_party_key_is_refused_by_the_sender():
+    with pytest.raises(ValueError, match="party 1: public key is a low-order point"):
+        seal_seed(bytes(32), bytes(32), "d", 1, 1, sender=SealingKey())
 
 
 def test_party_public_keys_round_trip_and_check_their_fingerprint():
@@ -88,7 +135,7 @@ def test_masked_update_plus_the_parties_masks_is_the_encoded_update(k, party0):
     for p, box in u.sealed.items():
         total += device_mask(open_seed(box, priv[p], "gw1-d007", 3, p), p, 1000)
     np.testing.assert_array_equal(total, encode_fixed(5.0 * delta))
-    assert u.nbytes == 1000 * 8 + len(u.sealed) * 80 + len("gw1-d007") + 32
+    assert u.nbytes == 1000 * 8 + len(u.sealed) * 92 + len("gw1-d007") + 32
 
 
 def test_local_clipping_and_refusals():

@@ -42,9 +42,9 @@ def test_the_sum_is_the_ring_sum_and_forwards_carry_lists_and_boxes(pub):
     assert fw[0].sealed == () and fw[1].masked_sum is None and fw[2].masked_sum is None
     by_dev = {u.device: u for u in ups}
     assert fw[2].sealed == tuple(by_dev[d].sealed[2] for d in ms.devices)
-    # Party 0 gets the vector; the others get 80 bytes + the id per device.
+    # Party 0 gets the vector; the others get 92 bytes + the id per device.
     assert fw[0].nbytes == 200 * 8 + 3 * 9 + 64
-    assert fw[1].nbytes == 3 * 80 + 3 * 9 + 64
+    assert fw[1].nbytes == 3 * 92 + 3 * 9 + 64
 
 
 def test_drop_takes_a_device_out_of_the_sum_and_every_list(pub):
@@ -94,7 +94,7 @@ def test_bad_updates_are_rejected_with_a_reason_naming_the_device(pub):
         (
             dataclasses.replace(good, device="d3", sealed={1: b"x" * 79, 2: good.sealed[2]}),
             "malformed",
-            "party 1 is not 80 B",
+            "party 1 is not 92 B",
         ),
     ]
     for update, reason, text in cases:
