@@ -55,6 +55,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from devices.argtypes import number, positive_float
 from devices.keys import DEVICE_ID_PATTERN, KeyFileError, check_device_id, load_private_key
 
 __all__ = [
@@ -757,30 +758,6 @@ def _check_options(opts: DeviceOptions) -> None:
 # --- CLI ----------------------------------------------------------------------------
 
 
-def _int_at_least(lo: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
-        return v
-
-    parse.__name__ = "int"
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return v
-
-
 def add_device_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``device`` to an argparse subparsers object (its handler sets ``func``)."""
     from devices.codecs import CODECS  # numpy only
@@ -809,18 +786,22 @@ def add_device_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--dataset", required=True, choices=("har", "fashion", "digits"))
     p.add_argument(
-        "--device-index", type=_int_at_least(0), default=0, metavar="N", help="this device's shard"
+        "--device-index",
+        type=number(int, minimum=0),
+        default=0,
+        metavar="N",
+        help="this device's shard",
     )
     p.add_argument(
         "--num-devices",
-        type=_int_at_least(1),
+        type=number(int, minimum=1),
         default=1,
         metavar="M",
         help="how many shards the dataset is split into",
     )
     p.add_argument(
         "--rounds",
-        type=_int_at_least(0),
+        type=number(int, minimum=0),
         default=1,
         metavar="K",
         help="rounds to deliver (0: until stopped)",
@@ -833,7 +814,7 @@ def add_device_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--topk-ratio",
-        type=_positive_float,
+        type=positive_float,
         default=0.1,
         help="share of entries a top-k codec keeps",
     )
@@ -844,20 +825,22 @@ def add_device_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="model (default: the dataset's)",
     )
     tr = p.add_argument_group("local training")
-    tr.add_argument("--epochs", type=_int_at_least(0), default=1)
-    tr.add_argument("--batch-size", type=_int_at_least(1), default=16)
-    tr.add_argument("--lr", type=_positive_float, default=0.05)
-    tr.add_argument("--max-steps", type=_int_at_least(0), default=None)
-    tr.add_argument("--seed", type=_int_at_least(0), default=0, help="data split and training seed")
+    tr.add_argument("--epochs", type=number(int, minimum=0), default=1)
+    tr.add_argument("--batch-size", type=number(int, minimum=1), default=16)
+    tr.add_argument("--lr", type=positive_float, default=0.05)
+    tr.add_argument("--max-steps", type=number(int, minimum=0), default=None)
+    tr.add_argument(
+        "--seed", type=number(int, minimum=0), default=0, help="data split and training seed"
+    )
     tr.add_argument(
         "--alpha",
-        type=_positive_float,
+        type=positive_float,
         default=0.5,
         help="Dirichlet label skew of the split (fashion, digits)",
     )
     tr.add_argument(
         "--threads",
-        type=_int_at_least(1),
+        type=number(int, minimum=1),
         default=None,
         help="torch threads (default: torch's choice)",
     )
@@ -885,19 +868,19 @@ def add_device_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     ln.add_argument(
         "--retries",
-        type=_int_at_least(0),
+        type=number(int, minimum=0),
         default=5,
         help="reconnection attempts (exponential backoff 0.5 s .. 8 s)",
     )
     ln.add_argument(
         "--timeout-s",
-        type=_positive_float,
+        type=positive_float,
         default=15.0,
         help="how long one request waits for the gateway",
     )
     ln.add_argument(
         "--wait-s",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help="give up (exit 1) when no round opens for this long (default: wait)",
     )

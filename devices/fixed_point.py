@@ -133,7 +133,7 @@ def expand_mask(seed: bytes | int, index: int, n: int, label: bytes = b"share") 
     # objects, no copy (this runs once per device and party every round).
     out = np.empty(n, dtype="<i8")
     if n:
-        written = stream.update_into(_zeros(8 * n), memoryview(out).cast("B"))
+        written = stream.update_into(_zeros(8 * n), out.data.cast("B"))
         if written != 8 * n:  # CTR is a stream mode: all bytes come out at once
             raise RuntimeError(f"AES-CTR wrote {written} of {8 * n} bytes")
     stream.finalize()

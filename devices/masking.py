@@ -45,7 +45,8 @@ Without a ``sender``, :func:`seal_seed` and :func:`mask_update` use a fresh
 throwaway key, which the same format and :func:`open_seed` accept.
 
 What the box does *not* do: prove that a device id owns its sender key
-(anyone can make a key; parties do not check a registry). The envelope signature authenticates a device to its gateway; a gateway
+(anyone can make a key; parties do not check a registry). The envelope
+signature authenticates a device to its gateway; a gateway
 that swaps a device's box for one of its own does not learn the update (the
 device's own mask still hides it) but makes the revealed sum garbage, which
 is the integrity a dishonest gateway can always break in either mode.
@@ -306,9 +307,8 @@ class SeedOpener:
             self._aead[sender] = box
         nonce = bytes(sealed[KEY_BYTES : KEY_BYTES + NONCE_BYTES])
         try:
-            return box.decrypt(
-                nonce, bytes(sealed[KEY_BYTES + NONCE_BYTES :]), associated_data(device, round_, party)
-            )
+            ad = associated_data(device, round_, party)
+            return box.decrypt(nonce, bytes(sealed[KEY_BYTES + NONCE_BYTES :]), ad)
         except InvalidTag:
             raise SealError(
                 f"{where}: authentication failed (tampered, or sealed for another "

@@ -4,27 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-
-def _number(
-    kind: type, *, minimum: float | None = None, strict: bool = False
-) -> Callable[[str], float]:
-    """argparse type that names the bound a value broke."""
-
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
-        if minimum is not None and (value <= minimum if strict else value < minimum):
-            rel = ">" if strict else ">="
-            raise argparse.ArgumentTypeError(f"must be {rel} {minimum}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
+from devices.argtypes import number as _number
 
 
 def _add_emulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

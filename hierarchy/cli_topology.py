@@ -20,10 +20,11 @@ import json
 import math
 import statistics
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from devices.argtypes import number
 from hierarchy.topogen import PROFILES, generate_topology, write_topology
 from hierarchy.topology import Topology, TopologyError, load_topology, topology_from_graph
 
@@ -34,24 +35,6 @@ __all__ = [
     "format_summary",
     "summarize_topology",
 ]
-
-
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    """argparse ``type=`` that accepts integers >= ``minimum`` with a readable error."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"must be an integer >= {minimum}, got {text!r}"
-            ) from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {minimum}"  # argparse shows this name in some errors
-    return parse
 
 
 def add_topology_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -70,14 +53,14 @@ def add_topology_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--gateways",
-        type=_int_at_least(1),
+        type=number(int, minimum=1),
         required=True,
         metavar="G",
         help="number of edge gateways (>= 1)",
     )
     gen.add_argument(
         "--devices-per-gateway",
-        type=_int_at_least(1),
+        type=number(int, minimum=1),
         required=True,
         metavar="D",
         help="devices attached to each gateway (>= 1)",
@@ -90,7 +73,7 @@ def add_topology_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--seed",
-        type=_int_at_least(0),
+        type=number(int, minimum=0),
         default=0,
         metavar="S",
         help="random seed (>= 0, default 0); same seed, same file",

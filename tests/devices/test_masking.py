@@ -71,7 +71,8 @@ def test_a_long_term_sealing_key_reuses_its_box_key_but_never_a_nonce():
     # so even the same seed sealed twice in one round gives different ciphertexts.
     assert {b[:32] for b in boxes} == {dev.public_raw}
     assert len({b[32:44] for b in boxes}) == 3 and len({b[44:] for b in boxes}) == 3
-    assert [opener.open(b, "gw0-d001", r, 2) for b, r in zip(boxes, (3, 3, 4))] == [seed] * 3
+    opened = [opener.open(b, "gw0-d001", r, 2) for b, r in zip(boxes, (3, 3, 4), strict=True)]
+    assert opened == [seed] * 3
     # The cached box key is still bound to device, round and party by the associated data.
     with pytest.raises(SealError, match="authentication failed"):
         opener.open(boxes[0], "gw0-d001", 4, 2)

@@ -9,7 +9,10 @@ from .test_emulate import SMOKE
     "argv,needle",
     [
         (["emulate", str(SMOKE), "--rounds", "0"], "--rounds: must be >= 1"),
-        (["emulate", str(SMOKE), "--rounds", "two"], "not a valid int"),
+        (["emulate", str(SMOKE), "--rounds", "two"], "--rounds: must be an integer, got 'two'"),
+        (["emulate", str(SMOKE), "--server-lr", "inf"], "--server-lr: must be a finite number"),
+        (["emulate", str(SMOKE), "--lr", "nan"], "--lr: must be a finite number, got nan"),
+        (["emulate", str(SMOKE), "--clip-norm", "inf"], "--clip-norm: must be a finite number"),
         (["emulate", str(SMOKE), "--dataset", "cifar"], "invalid choice: 'cifar'"),
         (["emulate", str(SMOKE), "--lr", "-1"], "--lr: must be > 0"),
         (["emulate", str(SMOKE), "--strategy", "fedprox"], "invalid choice: 'fedprox'"),

@@ -488,9 +488,9 @@ def test_cli_show_bad_file_returns_2(tmp_path: Path, capsys: pytest.CaptureFixtu
 @pytest.mark.parametrize(
     ("flag", "value", "fragment"),
     [
-        ("--gateways", "0", "must be an integer >= 1"),
-        ("--devices-per-gateway", "x", "must be an integer >= 1, got 'x'"),
-        ("--seed", "-1", "must be an integer >= 0"),
+        ("--gateways", "0", "--gateways: must be >= 1, got 0"),
+        ("--devices-per-gateway", "x", "--devices-per-gateway: must be an integer, got 'x'"),
+        ("--seed", "-1", "--seed: must be >= 0, got -1"),
     ],
 )
 def test_cli_rejects_bad_flags(
