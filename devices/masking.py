@@ -336,13 +336,18 @@ def device_mask(seed: bytes, party: int, n: int) -> np.ndarray:
 
 
 def clip_l2(update: np.ndarray, clip_norm: float) -> np.ndarray:
-    """Scale ``update`` down to L2 norm ``clip_norm`` if it is longer (float64 copy)."""
+    """Scale ``update`` down to L2 norm ``clip_norm`` if it is longer (a copy).
+
+    The device's DP clipping, wherever it runs. A float32 update stays float32
+    (what the device would send); anything else comes back as float64.
+    """
     if not (math.isfinite(clip_norm) and clip_norm > 0):
         raise ValueError(f"clip_norm must be positive and finite, got {clip_norm!r}")
-    u = np.array(update, dtype=np.float64, copy=True)
+    u = np.asarray(update)
+    u = np.array(u, dtype=np.float32 if u.dtype == np.float32 else np.float64, copy=True)
     n = float(np.linalg.norm(u))
     if n > clip_norm:
-        u *= clip_norm / n
+        u *= u.dtype.type(clip_norm / n)
     return u
 
 

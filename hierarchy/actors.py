@@ -20,6 +20,7 @@ from cloud.downlink import DownlinkConfig
 from devices.codecs import Encoded, max_encoded_size
 from devices.delta_chain import FRAME_BYTES
 from devices.held_model import HeldModels, RoundDownlink
+from devices.masking import clip_l2
 from gateway.partial_aggregate import PartialAggregate
 from hierarchy.backend import Handle, gather
 from hierarchy.privacy import DevicePrivacy, GatewayPrivacy, clip_check
@@ -238,7 +239,7 @@ class CohortHost(Placed):
             node = self._nodes[p]
             delta = res.deltas[k]
             if privacy.clip_norm is not None:
-                delta = _clip(delta, privacy.clip_norm)
+                delta = clip_l2(delta, privacy.clip_norm)
             if party_keys is not None:
                 from devices.masking import SealingKey, mask_update
 
@@ -557,14 +558,6 @@ def _pack(updates: list[Any]) -> Any:
     if updates and all(isinstance(u, MaskedUpdate) for u in updates):
         return MaskedBatch(updates)
     return updates
-
-
-def _clip(delta: np.ndarray, clip_norm: float) -> np.ndarray:
-    """The device's DP clipping: scale down to L2 norm ``clip_norm`` (float32 kept)."""
-    n = float(np.linalg.norm(delta))
-    if n > clip_norm:
-        return (delta * np.float32(clip_norm / n)).astype(delta.dtype, copy=False)
-    return delta
 
 
 def samples_processed(num_samples: int, steps: int, batch_size: int) -> int:

@@ -144,6 +144,11 @@ def test_local_clipping_and_refusals():
     big = np.full(100, 3.0)  # norm 30
     np.testing.assert_allclose(np.linalg.norm(clip_l2(big, 2.0)), 2.0)
     np.testing.assert_array_equal(clip_l2(np.ones(4) * 0.1, 2.0), np.ones(4) * 0.1)
+    # A float32 update stays float32 (what a device sends), clipped to C within float32.
+    f32 = clip_l2(big.astype(np.float32), 2.0)
+    assert f32.dtype == np.float32
+    assert abs(float(np.linalg.norm(f32.astype(np.float64))) - 2.0) < 1e-5
+    assert clip_l2(np.arange(3), 10.0).dtype == np.float64
     priv, pub = _keys(2)
     u = mask_update("d1", 0, big, pub, clip_norm=2.0)
     seed = open_seed(u.sealed[1], priv[1], "d1", 0, 1)
