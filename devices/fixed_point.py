@@ -69,20 +69,24 @@ def encode_fixed(
     if max_terms < 1:
         raise ValueError(f"max_terms must be >= 1, got {max_terms}")
     a = np.asarray(x, dtype=np.float64)
-    finite = np.isfinite(a)
-    if not finite.all():
-        i = int(np.flatnonzero(~finite.ravel())[0])
-        raise ValueError(f"cannot encode non-finite value {float(a.ravel()[i])!r} at index {i}")
     bound = max_abs(frac_bits, max_terms)
-    big = np.abs(a) >= bound
-    if big.any():
+    # Fast path, no temporaries: min and max inside (-bound, bound) means every
+    # value is finite and in range (NaN propagates through min/max and fails).
+    if a.size and not (-bound < float(a.min()) and float(a.max()) < bound):
+        finite = np.isfinite(a)
+        if not finite.all():
+            i = int(np.flatnonzero(~finite.ravel())[0])
+            raise ValueError(f"cannot encode non-finite value {float(a.ravel()[i])!r} at index {i}")
+        big = np.abs(a) >= bound
         i = int(np.flatnonzero(big.ravel())[0])
         raise ValueError(
             f"value {float(a.ravel()[i])!r} at index {i} is out of range for fixed point with "
             f"{frac_bits} fractional bits: max |x| is {bound:.6g} "
             f"(2^{62 - frac_bits} / {max_terms} summed terms)"
         )
-    return np.rint(a * float(2**frac_bits)).astype(np.int64)
+    scaled = a * float(2**frac_bits)
+    np.rint(scaled, out=scaled)
+    return scaled.astype(np.int64)
 
 
 def decode_fixed(x: np.ndarray, frac_bits: int = FRAC_BITS) -> np.ndarray:
@@ -113,12 +117,19 @@ def _seed_bytes(seed: bytes | int) -> bytes:
     raise TypeError(f"seed must be bytes or int, got {type(seed).__name__}")
 
 
-def expand_mask(seed: bytes | int, index: int, n: int, label: bytes = b"share") -> np.ndarray:
+def expand_mask(
+    seed: bytes | int,
+    index: int,
+    n: int,
+    label: bytes = b"share",
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """n uniform int64 ring elements: AES-256-CTR keyed by SHAKE-256(domain, label, index, seed).
 
     Deterministic: whoever holds the seed regenerates the same mask. Different
     ``index``/``label`` give independent keys, hence independent streams; each
     key encrypts one stream from counter 0 (never reused for another stream).
+    ``out``: a contiguous int64 array of length n to write into (and return).
     """
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -131,7 +142,10 @@ def expand_mask(seed: bytes | int, index: int, n: int, label: bytes = b"share") 
     stream = Cipher(algorithms.AES(h.digest(32)), modes.CTR(_ZERO_IV)).encryptor()
     # Encrypt zeros straight into the array's own buffer: no intermediate bytes
     # objects, no copy (this runs once per device and party every round).
-    out = np.empty(n, dtype="<i8")
+    if out is None:
+        out = np.empty(n, dtype="<i8")
+    elif out.dtype != np.int64 or out.shape != (n,) or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a contiguous int64 array of shape ({n},)")
     if n:
         written = stream.update_into(_zeros(8 * n), out.data.cast("B"))
         if written != 8 * n:  # CTR is a stream mode: all bytes come out at once

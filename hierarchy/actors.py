@@ -235,32 +235,26 @@ class CohortHost(Placed):
         updates: list[Any] = []
         sealed: list[bytes] = []
         weights = np.ones(n) if privacy.uniform_weights else res.num_samples.astype(np.float64)
+        boxes = 0
+        if party_keys is not None:
+            from devices.masking import SealingKey, seeded_parties
+
+            boxes = len(seeded_parties(party_keys.parties, privacy.seal_to_party0))
+            for p in pos:  # each device's long-term sealing key, made on first use
+                if self._nodes[p].id not in self._sealing:
+                    self._sealing[self._nodes[p].id] = SealingKey()
         for k, (i, p) in enumerate(zip(mine, pos, strict=True)):
             node = self._nodes[p]
             delta = res.deltas[k]
-            if privacy.clip_norm is not None:
-                delta = clip_l2(delta, privacy.clip_norm)
             if party_keys is not None:
-                from devices.masking import SealingKey, mask_update
-
-                sender = self._sealing.get(node.id)
-                if sender is None:
-                    sender = self._sealing[node.id] = SealingKey()
+                from devices.masking import masked_update_bytes
 
                 # Masked ring values cannot be compressed: the update is P int64 + the
-                # sealed seeds (MaskedUpdate.nbytes), inside a signed envelope.
-                mu = mask_update(
-                    node.id,
-                    round_,
-                    delta,
-                    party_keys,
-                    weight=float(weights[k]),
-                    seal_to_party0=privacy.seal_to_party0,
-                    sender=sender,
-                )
-                updates.append(mu)
-                u_bytes = mu.nbytes + ENVELOPE_OVERHEAD_BYTES
+                # sealed seeds, inside a signed envelope.
+                u_bytes = masked_update_bytes(node.id, num_params, boxes) + ENVELOPE_OVERHEAD_BYTES
             else:
+                if privacy.clip_norm is not None:
+                    delta = clip_l2(delta, privacy.clip_norm)
                 codec, cparams = codecs[k]
                 # Stochastic rounding needs randomness; dense codecs do not (skip the ~8 µs).
                 rng = np.random.default_rng([seed, round_, i, 11]) if codec not in DENSE else None
@@ -299,6 +293,25 @@ class CohortHost(Placed):
             stats["update_bytes"][k] = u_bytes
             stats["retransmitted"][k] = t.retransmitted_packets
             by_gateway.setdefault(node.gateway, []).append(k)
+        masked = None
+        if party_keys is not None:
+            from devices.masking import mask_cohort
+
+            # One gateway's devices at a time: masked in one pass, and each block
+            # goes to its gateway host as it is (no gather, no copy).
+            masked = {}
+            for g, ks in by_gateway.items():
+                ids = [self._nodes[pos[k]].id for k in ks]
+                masked[g] = mask_cohort(
+                    ids,
+                    round_,
+                    res.deltas[ks],
+                    party_keys,
+                    weights=weights[ks],
+                    clip_norm=privacy.clip_norm,
+                    seal_to_party0=privacy.seal_to_party0,
+                    senders=[self._sealing[d] for d in ids],
+                )
         t0 = time.perf_counter()
         if self._links is not None:
             if party_keys is not None:
@@ -308,13 +321,14 @@ class CohortHost(Placed):
         else:
             futures = []
             for g, ks in by_gateway.items():
+                payload = masked[g] if masked is not None else [updates[k] for k in ks]
                 futures.append(
                     self._gateways[g].call(
                         "submit",
                         round_,
                         g,
                         [self._nodes[pos[k]].id for k in ks],
-                        _pack([updates[k] for k in ks]),
+                        payload,
                         weights[ks],
                         stats["arrival_s"][ks],
                     )
@@ -524,40 +538,6 @@ class CohortHost(Placed):
         except CodecError:
             # A real device would send whatever it computed; the gateway refuses it.
             return Encoded("f32", delta.shape, np.ascontiguousarray(delta, "<f4").tobytes(), {})
-
-
-class MaskedBatch:
-    """A gateway's share of a trainer's masked updates, as one [n, P] int64 block.
-
-    Sent to the gateway host instead of n ``MaskedUpdate`` objects: one buffer
-    to serialize and copy instead of n (69 KB each for the HAPT CNN). Iterating
-    yields the ``MaskedUpdate``s again (rows are views, not copies).
-    """
-
-    def __init__(self, updates: Sequence[Any]) -> None:
-        self.devices = [u.device for u in updates]
-        self.rounds = [u.round for u in updates]
-        self.masked = np.stack([u.masked for u in updates])
-        self.weights = [u.weight for u in updates]
-        self.sealed = [dict(u.sealed) for u in updates]
-
-    def __len__(self) -> int:
-        return len(self.devices)
-
-    def __iter__(self) -> Any:
-        from devices.masking import MaskedUpdate
-
-        for j, d in enumerate(self.devices):
-            yield MaskedUpdate(d, self.rounds[j], self.masked[j], self.weights[j], self.sealed[j])
-
-
-def _pack(updates: list[Any]) -> Any:
-    """Masked updates travel as one block (:class:`MaskedBatch`); encoded ones as they are."""
-    from devices.masking import MaskedUpdate
-
-    if updates and all(isinstance(u, MaskedUpdate) for u in updates):
-        return MaskedBatch(updates)
-    return updates
 
 
 def samples_processed(num_samples: int, steps: int, batch_size: int) -> int:

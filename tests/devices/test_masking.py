@@ -20,6 +20,7 @@ from devices.masking import (
     SeedOpener,
     clip_l2,
     device_mask,
+    mask_cohort,
     mask_update,
     open_seed,
     seal_seed,
@@ -241,3 +242,53 @@ def test_masked_update_is_a_frozen_record():
     u = mask_update("d", 0, np.ones(3), pub)
     with pytest.raises(dataclasses.FrozenInstanceError):
         u.weight = 2.0  # type: ignore[misc]
+
+
+def test_a_cohort_is_masked_exactly_as_its_devices_one_by_one():
+    priv, pub = _keys(3)
+    rng = np.random.default_rng(3)
+    ids = [f"gw0-d{i:02d}" for i in range(5)]
+    deltas = rng.normal(size=(5, 300)).astype(np.float32)
+    deltas[1] *= 50  # longer than the clip bound
+    weights = [1.0, 2.0, 0.5, 3.0, 1.0]
+    seeds = [[bytes([j, t]) * 16 for t in range(2)] for j in range(5)]
+    senders = [SealingKey() for _ in ids]
+    batch = mask_cohort(
+        ids, 9, deltas, pub, weights=weights, clip_norm=3.0, senders=senders, seeds=seeds
+    )
+    assert len(batch) == 5 and batch.masked.shape == (5, 300)
+    for j, u in enumerate(batch):
+        one = mask_update(
+            ids[j], 9, deltas[j], pub, weight=weights[j], clip_norm=3.0, seeds=seeds[j]
+        )
+        np.testing.assert_array_equal(u.masked, one.masked)
+        assert u.weight == weights[j] and u.device == ids[j] and u.round == 9
+        # Each box opens with the party's key to the seed the row was masked with.
+        assert [SeedOpener(priv[k]).open(u.sealed[k], ids[j], 9, k) for k in (1, 2)] == seeds[j]
+        assert {b[:32] for b in u.sealed.values()} == {senders[j].public_raw}
+    # The parties' masks take every row back to its clipped, weighted encoding.
+    total = batch.masked.sum(axis=0)
+    for j in range(5):
+        for k in (1, 2):
+            total += device_mask(seeds[j][k - 1], k, 300)
+    clipped = np.stack([clip_l2(d.astype(np.float64), 3.0) for d in deltas])
+    expect = encode_fixed((clipped * np.asarray(weights)[:, None]).sum(axis=0))
+    assert np.max(np.abs(total - expect)) <= 5  # one rounding per device and coordinate
+    # select() gathers rows in the order asked.
+    sub = batch.select([3, 0])
+    assert sub.devices == [ids[3], ids[0]]
+    np.testing.assert_array_equal(sub.masked, batch.masked[[3, 0]])
+
+
+def test_a_cohort_names_the_device_that_cannot_be_encoded():
+    _, pub = _keys(2)
+    deltas = np.zeros((3, 4))
+    deltas[2, 1] = np.inf
+    with pytest.raises(ValueError, match=r"device 'd2', round 1: cannot encode non-finite"):
+        mask_cohort(["d0", "d1", "d2"], 1, deltas, pub)
+    with pytest.raises(ValueError, match=r"device 'd1': invalid weight -1.0"):
+        mask_cohort(["d0", "d1", "d2"], 1, np.zeros((3, 4)), pub, weights=[1, -1, 1])
+    with pytest.raises(ValueError, match=r"expected 2 flat updates"):
+        mask_cohort(["d0", "d1"], 1, np.zeros((3, 4)), pub)
+    with pytest.raises(ValueError, match="need 1 seeds"):
+        mask_cohort(["d0"], 1, np.zeros((1, 4)), pub, seeds=[[b"a" * 32, b"b" * 32]])
