@@ -143,9 +143,10 @@ def party_share(
             raise ValueError(f"party {k}: no private key installed; cannot open sealed seeds")
         if isinstance(opener, X25519PrivateKey):
             opener = SeedOpener(opener)
+        mask = np.empty(n, dtype=np.int64)  # scratch: each device's mask is expanded here
         for d, box in zip(devices, forward.sealed, strict=True):
             seed = opener.open(box, d, forward.round, k)
-            share += device_mask(seed, k, n)  # ring addition
+            share += device_mask(seed, k, n, out=mask)  # ring addition
     elif forward.sealed:
         raise ValueError(f"{where}: sealed seeds for a party that devices do not seal to")
     return SharedPartial(

@@ -332,9 +332,12 @@ def open_seed(
 # --------------------------------------------------------------------------- masking
 
 
-def device_mask(seed: bytes, party: int, n: int) -> np.ndarray:
-    """Party ``party``'s ring mask from a device seed (the same on device and party)."""
-    return expand_mask(seed, party, n, MASK_LABEL)
+def device_mask(seed: bytes, party: int, n: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Party ``party``'s ring mask from a device seed (the same on device and party).
+
+    ``out``: an int64 scratch array of length n to expand into (and return).
+    """
+    return expand_mask(seed, party, n, MASK_LABEL, out=out)
 
 
 def clip_l2(update: np.ndarray, clip_norm: float) -> np.ndarray:
@@ -507,7 +510,7 @@ def mask_cohort(
         boxes: dict[int, bytes] = {}
         for t, k in enumerate(targets):
             seed = seeds[j][t] if seeds is not None else new_seed()
-            expand_mask(seed, k, mask.size, MASK_LABEL, out=mask)
+            device_mask(seed, k, mask.size, out=mask)
             np.subtract(x[j], mask, out=x[j])  # int64 wrap-around: ring subtraction
             boxes[k] = seal_seed(seed, keys.keys[k], d, round_, k, sender=me)
         sealed.append(boxes)
