@@ -25,12 +25,17 @@ from hierarchy.emulate import EmulationConfig, LocalConfig, run_emulation  # noq
 
 
 def centralized(dataset: str, num_devices: int, model: str, epochs: int, batch: int, lr: float,
-                seed: int, schedule: str = "constant", final: float = 0.1) -> list[float]:
+                seed: int, schedule: str = "constant", final: float = 0.1,
+                max_grad_norm: float | None = None,
+                missing_class_scale: float = 1.0) -> list[float]:
     """Per-epoch test accuracy of the same model trained on the pooled data.
 
     ``schedule``/``final`` decay the learning rate over the epochs exactly as
     the federated run decays it over rounds, so a schedule that helps FedAvg
-    is given to the baseline too.
+    is given to the baseline too; ``max_grad_norm`` clips its SGD steps as
+    the devices' steps are clipped, and ``missing_class_scale`` is passed on
+    as well (restricted softmax leaves data holding every class untouched, so
+    on the pooled data it is a no-op by construction).
     """
     import torch
 
@@ -51,7 +56,9 @@ def centralized(dataset: str, num_devices: int, model: str, epochs: int, batch: 
     accs = []
     for ep in range(epochs):
         ep_lr = scheduled_lr(lr, ep + 1, epochs, schedule, final)
-        r = train_device(net, params, x, y, LocalTrainingConfig(1, batch, ep_lr), seed=seed + ep)
+        step = LocalTrainingConfig(1, batch, ep_lr, max_grad_norm=max_grad_norm,
+                                   missing_class_scale=missing_class_scale)
+        r = train_device(net, params, x, y, step, seed=seed + ep)
         params = params + r.delta
         accs.append(evaluate(net, params, ds.x_test, ds.y_test).accuracy)
     return accs
@@ -72,6 +79,18 @@ def main() -> int:
                          "centralized baseline gets the same shape over its epochs")
     ap.add_argument("--lr-final", type=float, default=0.1,
                     help="last round's lr as a fraction of --lr (schedules other than constant)")
+    ap.add_argument("--max-grad-norm", type=float, default=None,
+                    help="clip every local SGD step's gradient to this L2 norm; the "
+                         "centralized baseline's steps are clipped the same")
+    ap.add_argument("--missing-class-scale", type=float, default=1.0,
+                    help="FedRS restricted softmax: logits of classes absent from a "
+                         "device's data scaled by this in local training (1 = off); "
+                         "the centralized run gets it too, where every class is present")
+    ap.add_argument("--central-lr", type=float, default=None,
+                    help="the centralized baseline's peak lr (default: --lr). A client lr "
+                         "that FedAvg's averaging tolerates can be too large for one "
+                         "model on pooled data; this keeps the baseline at its own best "
+                         "rate (same schedule shape and clipping) instead of weakening it")
     ap.add_argument("--central-epochs", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backend", default="ray", choices=("ray", "local"))
@@ -82,12 +101,17 @@ def main() -> int:
 
     n_dev = len(load_topology(args.topology).devices)
     t0 = time.perf_counter()
+    central_lr = args.lr if args.central_lr is None else args.central_lr
     central = centralized(args.dataset, n_dev, args.model, args.central_epochs, args.batch_size,
-                          args.lr, args.seed, args.lr_schedule, args.lr_final)
+                          central_lr, args.seed, args.lr_schedule, args.lr_final,
+                          args.max_grad_norm, args.missing_class_scale)
     t_central = time.perf_counter() - t0
     cfg = EmulationConfig(
         topology=args.topology, rounds=args.rounds, dataset=args.dataset, seed=args.seed,
-        model=args.model, local=LocalConfig(args.epochs, args.batch_size, args.lr),
+        model=args.model,
+        local=LocalConfig(args.epochs, args.batch_size, args.lr,
+                          max_grad_norm=args.max_grad_norm,
+                          missing_class_scale=args.missing_class_scale),
         strategy=args.strategy, backend=args.backend, plots=False, eval_every=5,
         lr_schedule=args.lr_schedule, lr_final=args.lr_final,
     )
@@ -101,7 +125,11 @@ def main() -> int:
           f"({report['topology']['name']})")
     sched = ("" if args.lr_schedule == "constant"
              else f" ({args.lr_schedule} to x{args.lr_final})")
-    print(f"centralized  {args.central_epochs} epochs SGD lr {args.lr}{sched} "
+    if args.max_grad_norm is not None:
+        sched += f", grad norm clipped to {args.max_grad_norm}"
+    if args.missing_class_scale != 1.0:
+        sched += f", restricted softmax {args.missing_class_scale}"
+    print(f"centralized  {args.central_epochs} epochs SGD lr {central_lr}{sched} "
           f"batch {args.batch_size}: "
           f"final {central[-1]:.4f} (best {max(central):.4f}), wall {t_central:.1f} s")
     print(f"federated    {args.strategy}, {args.rounds} rounds x {args.epochs} local epochs, "

@@ -27,12 +27,32 @@ class LocalTrainingConfig:
 
     ``max_steps`` caps the number of SGD steps whatever the data size, which
     bounds the compute a large device spends per round.
+
+    ``max_grad_norm`` clips each SGD step's whole gradient (all parameter
+    tensors together) to that L2 norm before the step. A device whose data
+    hold one or two classes can produce a rare huge gradient at a large
+    learning rate; one such step kills ReLUs and, averaged in, drags the
+    global model to a single class. Capping the step length keeps a larger
+    rate stable. This is an optimizer setting, not privacy: DP clipping of
+    the whole update is ``PrivacyConfig.clip_norm``. ``None`` = no clipping.
+
+    ``missing_class_scale`` is FedRS's restricted softmax (Li and Zhan,
+    "FedRS: Federated Learning with Restricted Softmax for Label Distribution
+    Non-IID Data", KDD 2021): during local training the logits of classes
+    absent from the device's data are multiplied by this factor in [0, 1].
+    Why: on a device holding two of twelve classes, plain softmax spends its
+    steps pushing the ten absent classes' logits down, and the average of
+    such updates mostly erodes the classifier rather than improving it; a
+    smaller scale damps that. ``1.0`` is plain softmax. On data with every
+    class (a pooled, centralized run) it changes nothing, by construction.
     """
 
     epochs: int = 1
     batch_size: int = 16
     lr: float = 0.05
     max_steps: int | None = None
+    max_grad_norm: float | None = None
+    missing_class_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -46,6 +66,18 @@ class LocalTrainingConfig:
         if self.max_steps is not None and self.max_steps < 0:
             raise ValueError(
                 f"LocalTrainingConfig.max_steps must be None or >= 0, got {self.max_steps}"
+            )
+        if self.max_grad_norm is not None and not (
+            np.isfinite(self.max_grad_norm) and self.max_grad_norm > 0
+        ):
+            raise ValueError(
+                "LocalTrainingConfig.max_grad_norm must be None or finite and > 0, "
+                f"got {self.max_grad_norm}"
+            )
+        if not 0 <= self.missing_class_scale <= 1:  # also rejects nan
+            raise ValueError(
+                "LocalTrainingConfig.missing_class_scale must be in [0, 1], "
+                f"got {self.missing_class_scale}"
             )
 
 
@@ -101,6 +133,27 @@ def check_device_data(x: np.ndarray, y: np.ndarray, where: str) -> None:
         )
 
 
+def clip_scale(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """``min(1, max_norm / norm)``, elementwise: the factor that clips a gradient of ``norm``.
+
+    One formula for :func:`train_device` and the cohort (where ``norm`` holds
+    one entry per device), so both clip identically. A zero gradient gets 1.
+    """
+    return (max_norm / norm.clamp_min(1e-12)).clamp_max(1.0)
+
+
+def class_logit_scale(y: np.ndarray, num_classes: int, missing_scale: float) -> np.ndarray:
+    """Per-class logit factors of restricted softmax: 1 for classes in ``y``, else the scale.
+
+    Computed from a device's whole local label set (not per batch), so every
+    step of a round sees the same restriction; shared by :func:`train_device`
+    and the cohort so both restrict identically.
+    """
+    scale = np.full(num_classes, missing_scale, dtype=np.float32)
+    scale[np.unique(np.asarray(y, dtype=np.int64))] = 1.0
+    return scale
+
+
 def train_device(
     model: nn.Module,
     global_params: np.ndarray,
@@ -115,7 +168,11 @@ def train_device(
     ``global_params`` and then trained, so one module can serve many devices
     in turn. Plain SGD without momentum (no optimizer state to carry between
     rounds); the loss of a step is the mean cross entropy over that step's
-    batch, so a short last batch counts as much as a full one.
+    batch, so a short last batch counts as much as a full one. With
+    ``cfg.max_grad_norm`` set, a step whose gradient norm exceeds it is scaled
+    down to exactly that norm (``clip_scale``). With ``cfg.missing_class_scale``
+    below 1, the logits of classes absent from ``y`` are scaled by it in every
+    step's loss (``class_logit_scale``).
     """
     check_device_data(x, y, "train_device")
     expected = num_params(model)
@@ -137,11 +194,22 @@ def train_device(
     x = np.asarray(x, dtype=np.float32)
     y = np.asarray(y, dtype=np.int64)
     params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
+    restrict: torch.Tensor | None = None
     total_loss = 0.0
     for idx in plan:
-        loss = F.cross_entropy(model(torch.from_numpy(x[idx])), torch.from_numpy(y[idx]))
+        logits = model(torch.from_numpy(x[idx]))
+        if cfg.missing_class_scale != 1.0:
+            if restrict is None:
+                restrict = torch.from_numpy(
+                    class_logit_scale(y, logits.shape[-1], cfg.missing_class_scale)
+                )
+            logits = logits * restrict
+        loss = F.cross_entropy(logits, torch.from_numpy(y[idx]))
         grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
+            if cfg.max_grad_norm is not None:
+                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+                grads = torch._foreach_mul(grads, clip_scale(norm, cfg.max_grad_norm))
             torch._foreach_add_(params, grads, alpha=-cfg.lr)
         total_loss += float(loss.detach())
     delta = get_flat_params(model) - global_params

@@ -103,6 +103,21 @@ def _add_emulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         help="cap on local SGD steps per round (bounds work on data-rich devices)",
     )
     p.add_argument(
+        "--max-grad-norm",
+        type=_number(float, minimum=0, strict=True),
+        default=None,
+        help="clip each local SGD step's gradient to this L2 norm (all parameters together), "
+        "so a larger --lr stays stable; an optimizer setting, unlike the DP --clip-norm",
+    )
+    p.add_argument(
+        "--missing-class-scale",
+        type=_number(float, minimum=0),
+        default=1.0,
+        help="FedRS restricted softmax, in [0, 1]: in local training, scale the logits of "
+        "classes absent from a device's data by this (1 = plain softmax); damps what "
+        "label-skewed devices do to the classifier",
+    )
+    p.add_argument(
         "--strategy", choices=("fedavg", "fedavgm"), default="fedavg", help="server optimizer"
     )
     p.add_argument(
@@ -394,7 +409,14 @@ def _run_emulate(args: argparse.Namespace) -> int:
         out=args.out,
         model=args.model,
         alpha=args.alpha,
-        local=LocalConfig(args.epochs, args.batch_size, args.lr, args.max_steps),
+        local=LocalConfig(
+            args.epochs,
+            args.batch_size,
+            args.lr,
+            args.max_steps,
+            args.max_grad_norm,
+            args.missing_class_scale,
+        ),
         strategy=args.strategy,
         server_lr=args.server_lr,
         server_momentum=args.server_momentum,

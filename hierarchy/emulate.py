@@ -10,6 +10,7 @@ result. Wall-clock time is measured separately from the virtual clock.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -71,6 +72,10 @@ class LocalConfig:
     batch_size: int = 16
     lr: float = 0.05
     max_steps: int | None = None
+    # Per-step client gradient clipping (LocalTrainingConfig.max_grad_norm); None = off.
+    max_grad_norm: float | None = None
+    # FedRS restricted softmax (LocalTrainingConfig.missing_class_scale); 1.0 = plain softmax.
+    missing_class_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,13 @@ class EmulationConfig:
             raise ValueError("epochs and batch-size must be >= 1 and lr > 0")
         if self.local.max_steps is not None and self.local.max_steps < 1:
             raise ValueError("max-steps must be >= 1")
+        g = self.local.max_grad_norm
+        if g is not None and not (math.isfinite(g) and g > 0):
+            raise ValueError(f"max-grad-norm must be finite and > 0, got {g}")
+        if not 0 <= self.local.missing_class_scale <= 1:
+            raise ValueError(
+                f"missing-class-scale must be in [0, 1], got {self.local.missing_class_scale}"
+            )
         check_lr_schedule(self.lr_schedule, self.lr_final)
         if self.deadline_s is not None and not self.deadline_s > 0:
             raise ValueError(f"deadline must be > 0 seconds, got {self.deadline_s}")

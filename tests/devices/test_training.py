@@ -26,7 +26,13 @@ from devices.models import (
     num_params,
     set_flat_params,
 )
-from devices.training import LocalTrainingConfig, batch_plan, num_steps, train_device
+from devices.training import (
+    LocalTrainingConfig,
+    batch_plan,
+    class_logit_scale,
+    num_steps,
+    train_device,
+)
 
 SHAPES = {"mlp": ((64,), 10), "cnn1d": ((6, 128), 12), "cnn2d": ((1, 28, 28), 10)}
 
@@ -70,6 +76,12 @@ def test_config_rejects_nonsense() -> None:
         LocalTrainingConfig(batch_size=0)
     with pytest.raises(ValueError, match="max_steps"):
         LocalTrainingConfig(max_steps=-1)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="max_grad_norm"):
+            LocalTrainingConfig(max_grad_norm=bad)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="missing_class_scale"):
+            LocalTrainingConfig(missing_class_scale=bad)
 
 
 # --- models -------------------------------------------------------------------------------
@@ -277,3 +289,156 @@ def test_cohort_matches_train_device_over_rounds_with_a_decaying_lr(schedule: st
         g_single = (g_single + weights @ np.stack([ref.delta for ref in refs])).astype(np.float32)
         np.testing.assert_allclose(g_cohort, g_single, atol=1e-5, rtol=0)
     assert lrs[0] == pytest.approx(0.2) and lrs[-1] == pytest.approx(0.02)
+
+
+# --- per-step gradient clipping (max_grad_norm) ----------------------------------------------
+
+
+def test_train_device_clips_each_step_to_max_grad_norm() -> None:
+    """One full-batch step: the update is ``-lr * g * min(1, c / |g|)``, so a clipped step
+    moves exactly ``lr * c`` and an unclipped one is bit-identical to no clipping at all."""
+    name = "cnn1d"
+    shape, classes = SHAPES[name]
+    (x, y), = _devices(name, [12], seed=2)
+    model = build_model(name, shape, classes)
+    g = init_params(name, shape, classes, seed=5)
+    one_step = LocalTrainingConfig(epochs=1, batch_size=12, lr=0.1)
+    free = train_device(model, g, x, y, one_step, seed=0)
+    grad_norm = float(np.linalg.norm(free.delta.astype(np.float64))) / 0.1
+
+    c = grad_norm / 4
+    clipped = train_device(
+        model, g, x, y, LocalTrainingConfig(1, 12, 0.1, max_grad_norm=c), seed=0
+    )
+    assert np.linalg.norm(clipped.delta.astype(np.float64)) == pytest.approx(0.1 * c, rel=1e-4)
+    # Same direction, only shorter.
+    np.testing.assert_allclose(clipped.delta, free.delta / 4, atol=1e-6, rtol=0)
+
+    loose = train_device(
+        model, g, x, y, LocalTrainingConfig(1, 12, 0.1, max_grad_norm=grad_norm * 2), seed=0
+    )
+    assert np.array_equal(loose.delta, free.delta)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn1d"])
+@pytest.mark.parametrize("clip", ["active", "inactive"])
+def test_cohort_matches_train_device_with_gradient_clipping(name: str, clip: str) -> None:
+    """Clipping is per device row of the vmapped step (its norm over all parameter
+    tensors): devices of different sizes, short last batches, buckets that mix devices
+    still training with finished ones, and an empty device all agree with train_device."""
+    shape, classes = SHAPES[name]
+    sizes = [17, 1, 40, 0, 5, 23, 3]
+    data = _devices(name, sizes, seed=3)
+    seeds = [21, 22, 23, 24, 25, 26, 27]
+    model = build_model(name, shape, classes)
+    g = init_params(name, shape, classes, seed=6)
+    # Random-label data at init: step gradients are O(1) here, so 0.05 clips every step
+    # and 1e6 none.
+    c = 0.05 if clip == "active" else 1e6
+    cfg = LocalTrainingConfig(epochs=2, batch_size=8, lr=0.2, max_grad_norm=c)
+    plain = LocalTrainingConfig(epochs=2, batch_size=8, lr=0.2)
+    trainer = CohortTrainer(model, max_cohort=3)
+
+    res = trainer.train(g, data, cfg, seeds)
+    unclipped = trainer.train(g, data, plain, seeds)
+
+    for i, ((x, y), seed) in enumerate(zip(data, seeds, strict=True)):
+        ref = train_device(model, g, x, y, cfg, seed)
+        assert res.steps[i] == ref.steps
+        np.testing.assert_allclose(res.deltas[i], ref.delta, atol=1e-5, rtol=0)
+        assert res.loss[i] == pytest.approx(ref.loss, abs=1e-5)
+        if clip == "active" and ref.steps:
+            # Every step moved exactly lr * c, so the whole update is at most steps * lr * c.
+            assert np.linalg.norm(res.deltas[i]) <= ref.steps * 0.2 * c * (1 + 1e-4)
+            assert not np.allclose(res.deltas[i], unclipped.deltas[i], atol=1e-4)
+    if clip == "inactive":
+        np.testing.assert_allclose(res.deltas, unclipped.deltas, atol=1e-6, rtol=0)
+    assert not res.deltas[3].any() and res.steps[3] == 0
+
+
+def test_cohort_clipping_is_per_device_not_per_cohort() -> None:
+    """A device with a tiny gradient is left alone while another in the same vmapped call is
+    clipped: with c between their norms, each row gets its own scale."""
+    name = "mlp"
+    shape, classes = SHAPES[name]
+    model = build_model(name, shape, classes)
+    g = init_params(name, shape, classes, seed=7)
+    rng = np.random.default_rng(8)
+    big = (rng.normal(size=(8, 64)).astype(np.float32) * 10, rng.integers(0, classes, 8))
+    small = (rng.normal(size=(8, 64)).astype(np.float32) * 1e-3, rng.integers(0, classes, 8))
+    one = LocalTrainingConfig(epochs=1, batch_size=8, lr=0.1)
+    norms = [
+        float(np.linalg.norm(train_device(model, g, x, y, one, 0).delta)) / 0.1
+        for x, y in (big, small)
+    ]
+    c = float(np.sqrt(norms[0] * norms[1]))  # geometric middle
+    assert norms[1] < c < norms[0]
+    cfg = LocalTrainingConfig(epochs=1, batch_size=8, lr=0.1, max_grad_norm=c)
+    res = CohortTrainer(model).train(g, [big, small], cfg, [0, 0])
+    assert np.linalg.norm(res.deltas[0]) == pytest.approx(0.1 * c, rel=1e-4)
+    assert np.linalg.norm(res.deltas[1]) == pytest.approx(0.1 * norms[1], rel=1e-4)
+    for i, (x, y) in enumerate((big, small)):
+        np.testing.assert_allclose(
+            res.deltas[i], train_device(model, g, x, y, cfg, 0).delta, atol=1e-5, rtol=0
+        )
+
+
+# --- restricted softmax (missing_class_scale, FedRS) -----------------------------------------
+
+
+def test_class_logit_scale_restricts_only_absent_classes() -> None:
+    scale = class_logit_scale(np.array([3, 1, 3]), 5, 0.25)
+    assert scale.tolist() == [0.25, 1.0, 0.25, 1.0, 0.25]
+    assert scale.dtype == np.float32
+
+
+def test_restricted_softmax_is_a_no_op_on_data_with_every_class() -> None:
+    """Why the centralized baseline can take the same setting: pooled data hold every
+    class, so nothing is restricted and training is bit-identical to plain softmax."""
+    name = "mlp"
+    shape, classes = SHAPES[name]
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(40, *shape)).astype(np.float32)
+    y = np.arange(40) % classes
+    model = build_model(name, shape, classes)
+    g = init_params(name, shape, classes, seed=2)
+    plain = train_device(model, g, x, y, LocalTrainingConfig(2, 8, 0.1), seed=1)
+    rs = train_device(
+        model, g, x, y, LocalTrainingConfig(2, 8, 0.1, missing_class_scale=0.3), seed=1
+    )
+    assert np.array_equal(plain.delta, rs.delta)
+    # With classes missing it does change the update.
+    y2 = y % 3
+    a = train_device(model, g, x, y2, LocalTrainingConfig(2, 8, 0.1), seed=1)
+    b = train_device(model, g, x, y2, LocalTrainingConfig(2, 8, 0.1, missing_class_scale=0.3), 1)
+    assert not np.allclose(a.delta, b.delta, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn1d"])
+@pytest.mark.parametrize("max_grad_norm", [None, 0.05], ids=["no-clip", "clip"])
+def test_cohort_matches_train_device_with_restricted_softmax(
+    name: str, max_grad_norm: float | None
+) -> None:
+    """Each vmapped row uses its own device's class factors: devices with different label
+    sets and sizes (and an empty one), alone or with clipping, agree with train_device."""
+    shape, classes = SHAPES[name]
+    rng = np.random.default_rng(10)
+    sizes = [17, 1, 40, 0, 5, 23]
+    label_sets = [2, 1, classes, 1, 3, 4]  # device i draws labels from range(label_sets[i])
+    data = [
+        (rng.normal(size=(n, *shape)).astype(np.float32), rng.integers(0, k, n))
+        for n, k in zip(sizes, label_sets, strict=True)
+    ]
+    seeds = [31, 32, 33, 34, 35, 36]
+    model = build_model(name, shape, classes)
+    g = init_params(name, shape, classes, seed=8)
+    cfg = LocalTrainingConfig(
+        epochs=2, batch_size=8, lr=0.2, max_grad_norm=max_grad_norm, missing_class_scale=0.5
+    )
+    res = CohortTrainer(model, max_cohort=4).train(g, data, cfg, seeds)
+    for i, ((x, y), seed) in enumerate(zip(data, seeds, strict=True)):
+        ref = train_device(model, g, x, y, cfg, seed)
+        assert res.steps[i] == ref.steps
+        np.testing.assert_allclose(res.deltas[i], ref.delta, atol=1e-5, rtol=0)
+        assert res.loss[i] == pytest.approx(ref.loss, abs=1e-5)
+    assert not res.deltas[3].any()

@@ -12,6 +12,10 @@ from .test_emulate import SMOKE
         (["emulate", str(SMOKE), "--rounds", "two"], "not a valid int"),
         (["emulate", str(SMOKE), "--dataset", "cifar"], "invalid choice: 'cifar'"),
         (["emulate", str(SMOKE), "--lr", "-1"], "--lr: must be > 0"),
+        (["emulate", str(SMOKE), "--max-grad-norm", "0"], "--max-grad-norm: must be > 0"),
+        (["emulate", str(SMOKE), "--max-grad-norm", "-2"], "--max-grad-norm: must be > 0"),
+        (["emulate", str(SMOKE), "--max-grad-norm", "big"], "not a valid float"),
+        (["emulate", str(SMOKE), "--missing-class-scale", "-0.5"], "must be >= 0"),
         (["emulate", str(SMOKE), "--strategy", "fedprox"], "invalid choice: 'fedprox'"),
         (["emulate"], "the following arguments are required: topology"),
         (["emulate", str(SMOKE), "--downlink", "sparse"], "invalid choice: 'sparse'"),
@@ -65,6 +69,19 @@ def test_momentum_must_be_below_one(capsys):
     assert "--server-momentum must be < 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_max_grad_norm_must_be_finite(value, capsys):
+    # argparse's bound check lets nan/inf through; the config validation names them.
+    assert main(["emulate", str(SMOKE), "--max-grad-norm", value]) == 2
+    assert f"max-grad-norm must be finite and > 0, got {value}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["1.5", "nan"])
+def test_missing_class_scale_must_be_in_unit_interval(value, capsys):
+    assert main(["emulate", str(SMOKE), "--missing-class-scale", value]) == 2
+    assert f"missing-class-scale must be in [0, 1], got {value}" in capsys.readouterr().err
+
+
 def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["emulate", "--help"])
@@ -82,6 +99,8 @@ def test_help_documents_every_flag(capsys):
         "--gateway-hosts",
         "--alpha",
         "--max-steps",
+        "--max-grad-norm",
+        "--missing-class-scale",
         "--downlink",
         "--downlink-codec",
         "--downlink-topk-ratio",
