@@ -14,8 +14,6 @@ length`` for real samples, ``0`` for padding), so a short last batch gives the
 same gradient as ``train_device``'s smaller batch. Gradient clipping
 (``cfg.max_grad_norm``) is per device: the norm of row ``j`` of every
 parameter's gradient together, so one device's clipping never touches another.
-Restricted softmax (``cfg.missing_class_scale``) is per device too: each row
-multiplies its logits by its own class factors, from its own label set.
 
 "The same" means equal up to float32 summation order (a vmapped grouped
 convolution adds in a different order than a single one): ~1e-7 per step.
@@ -48,7 +46,6 @@ from devices.training import (
     LocalTrainingConfig,
     batch_plan,
     check_device_data,
-    class_logit_scale,
     clip_scale,
     num_steps,
 )
@@ -81,7 +78,6 @@ class _Bucket:
     weight: torch.Tensor  # float32 [S, m, B]
     first: list[int]
     width: list[int]
-    logit_scale: torch.Tensor | None  # float32 [m, classes]; None = plain softmax
 
 
 class CohortTrainer:
@@ -113,20 +109,8 @@ class CohortTrainer:
             logits = functional_call(model, state, (x,))
             return (F.cross_entropy(logits, y, reduction="none") * w).sum()
 
-        def restricted_loss(
-            params: tuple[torch.Tensor, ...],
-            x: torch.Tensor,
-            y: torch.Tensor,
-            w: torch.Tensor,
-            scale: torch.Tensor,
-        ) -> torch.Tensor:
-            state = {**dict(zip(names, params, strict=True)), **buffers}
-            logits = functional_call(model, state, (x,)) * scale
-            return (F.cross_entropy(logits, y, reduction="none") * w).sum()
-
         # Built once: re-wrapping vmap/grad every step costs measurable time.
         self._step: Callable[..., Any] = vmap(grad_and_value(batch_loss))
-        self._restricted_step: Callable[..., Any] = vmap(grad_and_value(restricted_loss))
 
     def train(
         self,
@@ -229,13 +213,6 @@ class CohortTrainer:
                 index[s, j, :k] = idx + offsets[j]
                 weight[s, j, :k] = 1.0 / k
                 width[s] = max(width[s], k)
-        logit_scale = None
-        if cfg.missing_class_scale != 1.0:
-            with torch.no_grad():  # the architecture's own output width
-                classes = self.model(torch.zeros((1, *sample_shape))).shape[-1]
-            logit_scale = torch.from_numpy(
-                np.stack([class_logit_scale(y, classes, cfg.missing_class_scale) for _, y in data])
-            )
         # Devices are sorted by steps: those with steps <= s form a prefix.
         first = np.searchsorted(steps, np.arange(total_steps), side="right")
         return _Bucket(
@@ -245,7 +222,6 @@ class CohortTrainer:
             weight=torch.from_numpy(weight),
             first=[int(v) for v in first],
             width=[int(v) for v in width],
-            logit_scale=logit_scale,
         )
 
     def _train_bucket(
@@ -274,12 +250,7 @@ class CohortTrainer:
                 # Row-slices of contiguous tensors are contiguous views: the
                 # in-place update below writes straight into ``params``.
                 live = [p[k:] for p in params]
-                if bucket.logit_scale is None:
-                    grads, loss = self._step(tuple(live), xb, yb, wb)
-                else:
-                    grads, loss = self._restricted_step(
-                        tuple(live), xb, yb, wb, bucket.logit_scale[k:]
-                    )
+                grads, loss = self._step(tuple(live), xb, yb, wb)
                 grads = list(grads)
                 if max_grad_norm is not None:
                     # Per device row: the norm over all of that row's parameter gradients.

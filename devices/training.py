@@ -35,16 +35,6 @@ class LocalTrainingConfig:
     global model to a single class. Capping the step length keeps a larger
     rate stable. This is an optimizer setting, not privacy: DP clipping of
     the whole update is ``PrivacyConfig.clip_norm``. ``None`` = no clipping.
-
-    ``missing_class_scale`` is FedRS's restricted softmax (Li and Zhan,
-    "FedRS: Federated Learning with Restricted Softmax for Label Distribution
-    Non-IID Data", KDD 2021): during local training the logits of classes
-    absent from the device's data are multiplied by this factor in [0, 1].
-    Why: on a device holding two of twelve classes, plain softmax spends its
-    steps pushing the ten absent classes' logits down, and the average of
-    such updates mostly erodes the classifier rather than improving it; a
-    smaller scale damps that. ``1.0`` is plain softmax. On data with every
-    class (a pooled, centralized run) it changes nothing, by construction.
     """
 
     epochs: int = 1
@@ -52,7 +42,6 @@ class LocalTrainingConfig:
     lr: float = 0.05
     max_steps: int | None = None
     max_grad_norm: float | None = None
-    missing_class_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -73,11 +62,6 @@ class LocalTrainingConfig:
             raise ValueError(
                 "LocalTrainingConfig.max_grad_norm must be None or finite and > 0, "
                 f"got {self.max_grad_norm}"
-            )
-        if not 0 <= self.missing_class_scale <= 1:  # also rejects nan
-            raise ValueError(
-                "LocalTrainingConfig.missing_class_scale must be in [0, 1], "
-                f"got {self.missing_class_scale}"
             )
 
 
@@ -142,18 +126,6 @@ def clip_scale(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     return (max_norm / norm.clamp_min(1e-12)).clamp_max(1.0)
 
 
-def class_logit_scale(y: np.ndarray, num_classes: int, missing_scale: float) -> np.ndarray:
-    """Per-class logit factors of restricted softmax: 1 for classes in ``y``, else the scale.
-
-    Computed from a device's whole local label set (not per batch), so every
-    step of a round sees the same restriction; shared by :func:`train_device`
-    and the cohort so both restrict identically.
-    """
-    scale = np.full(num_classes, missing_scale, dtype=np.float32)
-    scale[np.unique(np.asarray(y, dtype=np.int64))] = 1.0
-    return scale
-
-
 def train_device(
     model: nn.Module,
     global_params: np.ndarray,
@@ -170,9 +142,7 @@ def train_device(
     rounds); the loss of a step is the mean cross entropy over that step's
     batch, so a short last batch counts as much as a full one. With
     ``cfg.max_grad_norm`` set, a step whose gradient norm exceeds it is scaled
-    down to exactly that norm (``clip_scale``). With ``cfg.missing_class_scale``
-    below 1, the logits of classes absent from ``y`` are scaled by it in every
-    step's loss (``class_logit_scale``).
+    down to exactly that norm (``clip_scale``).
     """
     check_device_data(x, y, "train_device")
     expected = num_params(model)
@@ -194,17 +164,9 @@ def train_device(
     x = np.asarray(x, dtype=np.float32)
     y = np.asarray(y, dtype=np.int64)
     params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
-    restrict: torch.Tensor | None = None
     total_loss = 0.0
     for idx in plan:
-        logits = model(torch.from_numpy(x[idx]))
-        if cfg.missing_class_scale != 1.0:
-            if restrict is None:
-                restrict = torch.from_numpy(
-                    class_logit_scale(y, logits.shape[-1], cfg.missing_class_scale)
-                )
-            logits = logits * restrict
-        loss = F.cross_entropy(logits, torch.from_numpy(y[idx]))
+        loss = F.cross_entropy(model(torch.from_numpy(x[idx])), torch.from_numpy(y[idx]))
         grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
             if cfg.max_grad_norm is not None:

@@ -97,6 +97,13 @@ def _add_emulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         help="last round's client lr as a fraction of --lr, in (0, 1] (with --lr-schedule)",
     )
     p.add_argument(
+        "--lr-warmup-rounds",
+        type=_number(int, minimum=0),
+        default=0,
+        help="ramp the client lr linearly up to --lr over the first rounds, then follow "
+        "--lr-schedule from there (sync mode only; 0 = no warm-up)",
+    )
+    p.add_argument(
         "--max-steps",
         type=_number(int, minimum=1),
         default=None,
@@ -108,14 +115,6 @@ def _add_emulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         default=None,
         help="clip each local SGD step's gradient to this L2 norm (all parameters together), "
         "so a larger --lr stays stable; an optimizer setting, unlike the DP --clip-norm",
-    )
-    p.add_argument(
-        "--missing-class-scale",
-        type=_number(float, minimum=0),
-        default=1.0,
-        help="FedRS restricted softmax, in [0, 1]: in local training, scale the logits of "
-        "classes absent from a device's data by this (1 = plain softmax); damps what "
-        "label-skewed devices do to the classifier",
     )
     p.add_argument(
         "--strategy", choices=("fedavg", "fedavgm"), default="fedavg", help="server optimizer"
@@ -410,18 +409,14 @@ def _run_emulate(args: argparse.Namespace) -> int:
         model=args.model,
         alpha=args.alpha,
         local=LocalConfig(
-            args.epochs,
-            args.batch_size,
-            args.lr,
-            args.max_steps,
-            args.max_grad_norm,
-            args.missing_class_scale,
+            args.epochs, args.batch_size, args.lr, args.max_steps, args.max_grad_norm
         ),
         strategy=args.strategy,
         server_lr=args.server_lr,
         server_momentum=args.server_momentum,
         lr_schedule=args.lr_schedule,
         lr_final=args.lr_final,
+        lr_warmup_rounds=args.lr_warmup_rounds,
         deadline_s=args.deadline_s,
         eval_every=args.eval_every,
         backend=args.backend,

@@ -29,7 +29,6 @@ from devices.models import (
 from devices.training import (
     LocalTrainingConfig,
     batch_plan,
-    class_logit_scale,
     num_steps,
     train_device,
 )
@@ -79,9 +78,6 @@ def test_config_rejects_nonsense() -> None:
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="max_grad_norm"):
             LocalTrainingConfig(max_grad_norm=bad)
-    for bad in (-0.1, 1.5, float("nan")):
-        with pytest.raises(ValueError, match="missing_class_scale"):
-            LocalTrainingConfig(missing_class_scale=bad)
 
 
 # --- models -------------------------------------------------------------------------------
@@ -382,63 +378,3 @@ def test_cohort_clipping_is_per_device_not_per_cohort() -> None:
             res.deltas[i], train_device(model, g, x, y, cfg, 0).delta, atol=1e-5, rtol=0
         )
 
-
-# --- restricted softmax (missing_class_scale, FedRS) -----------------------------------------
-
-
-def test_class_logit_scale_restricts_only_absent_classes() -> None:
-    scale = class_logit_scale(np.array([3, 1, 3]), 5, 0.25)
-    assert scale.tolist() == [0.25, 1.0, 0.25, 1.0, 0.25]
-    assert scale.dtype == np.float32
-
-
-def test_restricted_softmax_is_a_no_op_on_data_with_every_class() -> None:
-    """Why the centralized baseline can take the same setting: pooled data hold every
-    class, so nothing is restricted and training is bit-identical to plain softmax."""
-    name = "mlp"
-    shape, classes = SHAPES[name]
-    rng = np.random.default_rng(9)
-    x = rng.normal(size=(40, *shape)).astype(np.float32)
-    y = np.arange(40) % classes
-    model = build_model(name, shape, classes)
-    g = init_params(name, shape, classes, seed=2)
-    plain = train_device(model, g, x, y, LocalTrainingConfig(2, 8, 0.1), seed=1)
-    rs = train_device(
-        model, g, x, y, LocalTrainingConfig(2, 8, 0.1, missing_class_scale=0.3), seed=1
-    )
-    assert np.array_equal(plain.delta, rs.delta)
-    # With classes missing it does change the update.
-    y2 = y % 3
-    a = train_device(model, g, x, y2, LocalTrainingConfig(2, 8, 0.1), seed=1)
-    b = train_device(model, g, x, y2, LocalTrainingConfig(2, 8, 0.1, missing_class_scale=0.3), 1)
-    assert not np.allclose(a.delta, b.delta, atol=1e-4)
-
-
-@pytest.mark.parametrize("name", ["mlp", "cnn1d"])
-@pytest.mark.parametrize("max_grad_norm", [None, 0.05], ids=["no-clip", "clip"])
-def test_cohort_matches_train_device_with_restricted_softmax(
-    name: str, max_grad_norm: float | None
-) -> None:
-    """Each vmapped row uses its own device's class factors: devices with different label
-    sets and sizes (and an empty one), alone or with clipping, agree with train_device."""
-    shape, classes = SHAPES[name]
-    rng = np.random.default_rng(10)
-    sizes = [17, 1, 40, 0, 5, 23]
-    label_sets = [2, 1, classes, 1, 3, 4]  # device i draws labels from range(label_sets[i])
-    data = [
-        (rng.normal(size=(n, *shape)).astype(np.float32), rng.integers(0, k, n))
-        for n, k in zip(sizes, label_sets, strict=True)
-    ]
-    seeds = [31, 32, 33, 34, 35, 36]
-    model = build_model(name, shape, classes)
-    g = init_params(name, shape, classes, seed=8)
-    cfg = LocalTrainingConfig(
-        epochs=2, batch_size=8, lr=0.2, max_grad_norm=max_grad_norm, missing_class_scale=0.5
-    )
-    res = CohortTrainer(model, max_cohort=4).train(g, data, cfg, seeds)
-    for i, ((x, y), seed) in enumerate(zip(data, seeds, strict=True)):
-        ref = train_device(model, g, x, y, cfg, seed)
-        assert res.steps[i] == ref.steps
-        np.testing.assert_allclose(res.deltas[i], ref.delta, atol=1e-5, rtol=0)
-        assert res.loss[i] == pytest.approx(ref.loss, abs=1e-5)
-    assert not res.deltas[3].any()

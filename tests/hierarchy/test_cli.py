@@ -15,7 +15,7 @@ from .test_emulate import SMOKE
         (["emulate", str(SMOKE), "--max-grad-norm", "0"], "--max-grad-norm: must be > 0"),
         (["emulate", str(SMOKE), "--max-grad-norm", "-2"], "--max-grad-norm: must be > 0"),
         (["emulate", str(SMOKE), "--max-grad-norm", "big"], "not a valid float"),
-        (["emulate", str(SMOKE), "--missing-class-scale", "-0.5"], "must be >= 0"),
+        (["emulate", str(SMOKE), "--lr-warmup-rounds", "-1"], "--lr-warmup-rounds: must be >= 0"),
         (["emulate", str(SMOKE), "--strategy", "fedprox"], "invalid choice: 'fedprox'"),
         (["emulate"], "the following arguments are required: topology"),
         (["emulate", str(SMOKE), "--downlink", "sparse"], "invalid choice: 'sparse'"),
@@ -76,10 +76,10 @@ def test_max_grad_norm_must_be_finite(value, capsys):
     assert f"max-grad-norm must be finite and > 0, got {value}" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("value", ["1.5", "nan"])
-def test_missing_class_scale_must_be_in_unit_interval(value, capsys):
-    assert main(["emulate", str(SMOKE), "--missing-class-scale", value]) == 2
-    assert f"missing-class-scale must be in [0, 1], got {value}" in capsys.readouterr().err
+def test_warmup_longer_than_the_run_exits_2(capsys):
+    argv = ["emulate", str(SMOKE), "--rounds", "3", "--lr-warmup-rounds", "4"]
+    assert main(argv) == 2
+    assert "lr-warmup-rounds (4) must not exceed the rounds (3)" in capsys.readouterr().err
 
 
 def test_help_documents_every_flag(capsys):
@@ -100,7 +100,7 @@ def test_help_documents_every_flag(capsys):
         "--alpha",
         "--max-steps",
         "--max-grad-norm",
-        "--missing-class-scale",
+        "--lr-warmup-rounds",
         "--downlink",
         "--downlink-codec",
         "--downlink-topk-ratio",
