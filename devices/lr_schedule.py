@@ -30,11 +30,14 @@ Optional linear warm-up over the first ``warmup`` rounds (Goyal et al.,
 decay then runs over rounds ``warmup .. rounds`` (``t = (r - warmup) /
 (rounds - warmup)``). Why: at a large client rate the first rounds, taken from
 a random model, give the largest and least aligned device updates; a ramp
-lets the average find a common direction first. ``warmup = 0`` is the plain
-schedule above. Pure functions of their arguments, no torch: the driver
-computes each round's rate and hands it to the trainers as a plain number, so
-a cohort trained with ``vmap`` and devices trained one by one see the same
-rate by construction.
+lets the average find a common direction first (on HAPT with clipped steps
+it did not pay off -- bench/RESULTS.md -- but it is the standard remedy for
+an unstable start). ``warmup = 0`` is the plain schedule above.
+
+Pure functions of their arguments, no torch: the driver computes each
+round's rate and hands it to the trainers as a plain number, so a cohort
+trained with ``vmap`` and devices trained one by one see the same rate by
+construction.
 """
 
 from __future__ import annotations

@@ -378,3 +378,24 @@ def test_cohort_clipping_is_per_device_not_per_cohort() -> None:
             res.deltas[i], train_device(model, g, x, y, cfg, 0).delta, atol=1e-5, rtol=0
         )
 
+
+
+def test_device_client_takes_max_grad_norm(tmp_path, capsys) -> None:
+    """``tierfl device --max-grad-norm`` reaches the reference client's LocalTrainingConfig."""
+    import argparse
+
+    from devices.client import DeviceOptions, LocalTrainer, add_device_parser
+
+    parser = argparse.ArgumentParser()
+    add_device_parser(parser.add_subparsers())
+    base = ["device", "--gateway", "coap://127.0.0.1:5683", "--id", "d0", "--key",
+            str(tmp_path / "d0.key"), "--dataset", "digits"]
+    args = parser.parse_args([*base, "--max-grad-norm", "0.5"])
+    fields = DeviceOptions.__dataclass_fields__
+    opts = DeviceOptions(**{k: v for k, v in vars(args).items() if k in fields})
+    assert LocalTrainer(opts).config.max_grad_norm == 0.5
+    assert parser.parse_args(base).max_grad_norm is None
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args([*base, "--max-grad-norm", "0"])
+    assert exc.value.code == 2
+    assert "must be a finite number > 0" in capsys.readouterr().err
