@@ -25,12 +25,18 @@ from hierarchy.emulate import EmulationConfig, LocalConfig, run_emulation  # noq
 
 
 def centralized(dataset: str, num_devices: int, model: str, epochs: int, batch: int, lr: float,
-                seed: int, schedule: str = "constant", final: float = 0.1) -> list[float]:
+                seed: int, schedule: str = "constant", final: float = 0.1,
+                max_grad_norm: float | None = None,
+                warmup_fraction: float = 0.0) -> list[float]:
     """Per-epoch test accuracy of the same model trained on the pooled data.
 
     ``schedule``/``final`` decay the learning rate over the epochs exactly as
     the federated run decays it over rounds, so a schedule that helps FedAvg
-    is given to the baseline too.
+    is given to the baseline too; ``max_grad_norm`` clips its SGD steps as
+    the devices' steps are clipped. ``warmup_fraction`` ramps the rate
+    linearly over that share of all its SGD steps, step by step, as the
+    federated run ramps it over its first ``--lr-warmup-rounds`` rounds (the
+    same share of training; epochs are too coarse for a ramp of a few percent).
     """
     import torch
 
@@ -38,7 +44,7 @@ def centralized(dataset: str, num_devices: int, model: str, epochs: int, batch: 
     from devices.datasets import load_federated
     from devices.lr_schedule import scheduled_lr
     from devices.models import build_model, init_params
-    from devices.training import LocalTrainingConfig, train_device
+    from devices.training import LocalTrainingConfig, batch_plan, num_steps, train_device
 
     # One thread: the baseline takes ~20 s either way, and a second thread only
     # competes with whatever else shares this 2-core box (float summation order, and
@@ -49,10 +55,23 @@ def centralized(dataset: str, num_devices: int, model: str, epochs: int, batch: 
     net = build_model(model, ds.input_shape, ds.num_classes)
     params = init_params(model, ds.input_shape, ds.num_classes, seed)
     accs = []
+    warm = round(warmup_fraction * epochs * num_steps(len(y), LocalTrainingConfig(1, batch)))
+    done = 0  # SGD steps taken so far
     for ep in range(epochs):
         ep_lr = scheduled_lr(lr, ep + 1, epochs, schedule, final)
-        r = train_device(net, params, x, y, LocalTrainingConfig(1, batch, ep_lr), seed=seed + ep)
-        params = params + r.delta
+        step = LocalTrainingConfig(1, batch, ep_lr, max_grad_norm=max_grad_norm)
+        if done >= warm:
+            r = train_device(net, params, x, y, step, seed=seed + ep)
+            params = params + r.delta
+            done += r.steps
+        else:
+            # The same batches train_device would draw, one step at a time, so each can
+            # have its own warm-up rate.
+            for idx in batch_plan(len(y), step, seed + ep):
+                ramp = min(1.0, (done + 1) / warm)
+                one = LocalTrainingConfig(1, len(idx), ep_lr * ramp, max_grad_norm=max_grad_norm)
+                params = params + train_device(net, params, x[idx], y[idx], one, seed=0).delta
+                done += 1
         accs.append(evaluate(net, params, ds.x_test, ds.y_test).accuracy)
     return accs
 
@@ -72,6 +91,17 @@ def main() -> int:
                          "centralized baseline gets the same shape over its epochs")
     ap.add_argument("--lr-final", type=float, default=0.1,
                     help="last round's lr as a fraction of --lr (schedules other than constant)")
+    ap.add_argument("--max-grad-norm", type=float, default=None,
+                    help="clip every local SGD step's gradient to this L2 norm; the "
+                         "centralized baseline's steps are clipped the same")
+    ap.add_argument("--lr-warmup-rounds", type=int, default=0,
+                    help="ramp the client lr linearly over the first rounds; the "
+                         "centralized baseline ramps over the same share of its steps")
+    ap.add_argument("--central-lr", type=float, default=None,
+                    help="the centralized baseline's peak lr (default: --lr). A client lr "
+                         "that FedAvg's averaging tolerates can be too large for one "
+                         "model on pooled data; this keeps the baseline at its own best "
+                         "rate (same schedule shape and clipping) instead of weakening it")
     ap.add_argument("--central-epochs", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backend", default="ray", choices=("ray", "local"))
@@ -82,14 +112,19 @@ def main() -> int:
 
     n_dev = len(load_topology(args.topology).devices)
     t0 = time.perf_counter()
+    central_lr = args.lr if args.central_lr is None else args.central_lr
     central = centralized(args.dataset, n_dev, args.model, args.central_epochs, args.batch_size,
-                          args.lr, args.seed, args.lr_schedule, args.lr_final)
+                          central_lr, args.seed, args.lr_schedule, args.lr_final,
+                          args.max_grad_norm, args.lr_warmup_rounds / args.rounds)
     t_central = time.perf_counter() - t0
     cfg = EmulationConfig(
         topology=args.topology, rounds=args.rounds, dataset=args.dataset, seed=args.seed,
-        model=args.model, local=LocalConfig(args.epochs, args.batch_size, args.lr),
+        model=args.model,
+        local=LocalConfig(args.epochs, args.batch_size, args.lr,
+                          max_grad_norm=args.max_grad_norm),
         strategy=args.strategy, backend=args.backend, plots=False, eval_every=5,
         lr_schedule=args.lr_schedule, lr_final=args.lr_final,
+        lr_warmup_rounds=args.lr_warmup_rounds,
     )
     t0 = time.perf_counter()
     report = run_emulation(cfg, progress=False)
@@ -101,7 +136,11 @@ def main() -> int:
           f"({report['topology']['name']})")
     sched = ("" if args.lr_schedule == "constant"
              else f" ({args.lr_schedule} to x{args.lr_final})")
-    print(f"centralized  {args.central_epochs} epochs SGD lr {args.lr}{sched} "
+    if args.max_grad_norm is not None:
+        sched += f", grad norm clipped to {args.max_grad_norm}"
+    if args.lr_warmup_rounds:
+        sched += f", linear warm-up over {args.lr_warmup_rounds} rounds"
+    print(f"centralized  {args.central_epochs} epochs SGD lr {central_lr}{sched} "
           f"batch {args.batch_size}: "
           f"final {central[-1]:.4f} (best {max(central):.4f}), wall {t_central:.1f} s")
     print(f"federated    {args.strategy}, {args.rounds} rounds x {args.epochs} local epochs, "

@@ -409,6 +409,7 @@ class DeviceOptions:
     batch_size: int = 16
     lr: float = 0.05
     max_steps: int | None = None
+    max_grad_norm: float | None = None  # clip each local SGD step's gradient (None: off)
     seed: int = 0
     alpha: float = 0.5
     gateway_id: str | None = None
@@ -444,7 +445,9 @@ class LocalTrainer:
         with torch.random.fork_rng(devices=[]):
             self.net = build_model(self.model_name, fed.input_shape, fed.num_classes)
         self.num_params = num_params(self.net)
-        self.config = LocalTrainingConfig(opts.epochs, opts.batch_size, opts.lr, opts.max_steps)
+        self.config = LocalTrainingConfig(
+            opts.epochs, opts.batch_size, opts.lr, opts.max_steps, opts.max_grad_norm
+        )
         self.seed, self.index = opts.seed, opts.device_index
 
     @property
@@ -829,6 +832,12 @@ def add_device_parser(subparsers: Any) -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=number(int, minimum=1), default=16)
     tr.add_argument("--lr", type=positive_float, default=0.05)
     tr.add_argument("--max-steps", type=number(int, minimum=0), default=None)
+    tr.add_argument(
+        "--max-grad-norm",
+        type=positive_float,
+        default=None,
+        help="clip each local SGD step's gradient to this L2 norm (as tierfl emulate does)",
+    )
     tr.add_argument(
         "--seed", type=number(int, minimum=0), default=0, help="data split and training seed"
     )

@@ -11,7 +11,9 @@ device: the same :func:`~devices.training.batch_plan` (same seed, same
 batches), the same mean cross entropy per batch, the same plain SGD update.
 Differences in batch size are handled with per-sample weights (``1 / batch
 length`` for real samples, ``0`` for padding), so a short last batch gives the
-same gradient as ``train_device``'s smaller batch.
+same gradient as ``train_device``'s smaller batch. Gradient clipping
+(``cfg.max_grad_norm``) is per device: the norm of row ``j`` of every
+parameter's gradient together, so one device's clipping never touches another.
 
 "The same" means equal up to float32 summation order (a vmapped grouped
 convolution adds in a different order than a single one): ~1e-7 per step.
@@ -40,7 +42,13 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.nn import functional as F
 
-from devices.training import LocalTrainingConfig, batch_plan, check_device_data, num_steps
+from devices.training import (
+    LocalTrainingConfig,
+    batch_plan,
+    check_device_data,
+    clip_scale,
+    num_steps,
+)
 
 
 @dataclass
@@ -153,7 +161,9 @@ class CohortTrainer:
             bucket = self._build_bucket(
                 [data[i] for i in ids], [int(seeds[i]) for i in ids], steps[ids], cfg
             )
-            deltas[ids], losses[ids] = self._train_bucket(global_params, bucket, cfg.lr)
+            deltas[ids], losses[ids] = self._train_bucket(
+                global_params, bucket, cfg.lr, cfg.max_grad_norm
+            )
         losses[active] /= steps[active]
         return CohortResult(deltas=deltas, num_samples=counts, steps=steps, loss=losses)
 
@@ -215,7 +225,7 @@ class CohortTrainer:
         )
 
     def _train_bucket(
-        self, global_params: np.ndarray, bucket: _Bucket, lr: float
+        self, global_params: np.ndarray, bucket: _Bucket, lr: float, max_grad_norm: float | None
     ) -> tuple[np.ndarray, np.ndarray]:
         m = bucket.index.shape[1]
         g = torch.from_numpy(global_params)
@@ -241,7 +251,13 @@ class CohortTrainer:
                 # in-place update below writes straight into ``params``.
                 live = [p[k:] for p in params]
                 grads, loss = self._step(tuple(live), xb, yb, wb)
-                torch._foreach_add_(live, list(grads), alpha=-lr)
+                grads = list(grads)
+                if max_grad_norm is not None:
+                    # Per device row: the norm over all of that row's parameter gradients.
+                    sq = sum(g.reshape(rows, -1).pow(2).sum(dim=1) for g in grads)
+                    scale = clip_scale(torch.as_tensor(sq).sqrt(), max_grad_norm)
+                    grads = [g * scale.view(rows, *([1] * (g.dim() - 1))) for g in grads]
+                torch._foreach_add_(live, grads, alpha=-lr)
                 loss_sum[k:] += loss
         trained = torch.cat([p.reshape(m, -1) for p in params], dim=1)
         delta = (trained - g).numpy()

@@ -80,10 +80,24 @@ def _add_emulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         help="last round's client lr as a fraction of --lr, in (0, 1] (with --lr-schedule)",
     )
     p.add_argument(
+        "--lr-warmup-rounds",
+        type=_number(int, minimum=0),
+        default=0,
+        help="ramp the client lr linearly up to --lr over the first rounds, then follow "
+        "--lr-schedule from there (sync mode only; 0 = no warm-up)",
+    )
+    p.add_argument(
         "--max-steps",
         type=_number(int, minimum=1),
         default=None,
         help="cap on local SGD steps per round (bounds work on data-rich devices)",
+    )
+    p.add_argument(
+        "--max-grad-norm",
+        type=_number(float, minimum=0, strict=True),
+        default=None,
+        help="clip each local SGD step's gradient to this L2 norm (all parameters together), "
+        "so a larger --lr stays stable; an optimizer setting, unlike the DP --clip-norm",
     )
     p.add_argument(
         "--strategy", choices=("fedavg", "fedavgm"), default="fedavg", help="server optimizer"
@@ -377,12 +391,15 @@ def _run_emulate(args: argparse.Namespace) -> int:
         out=args.out,
         model=args.model,
         alpha=args.alpha,
-        local=LocalConfig(args.epochs, args.batch_size, args.lr, args.max_steps),
+        local=LocalConfig(
+            args.epochs, args.batch_size, args.lr, args.max_steps, args.max_grad_norm
+        ),
         strategy=args.strategy,
         server_lr=args.server_lr,
         server_momentum=args.server_momentum,
         lr_schedule=args.lr_schedule,
         lr_final=args.lr_final,
+        lr_warmup_rounds=args.lr_warmup_rounds,
         deadline_s=args.deadline_s,
         eval_every=args.eval_every,
         backend=args.backend,

@@ -10,6 +10,7 @@ result. Wall-clock time is measured separately from the virtual clock.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -71,6 +72,8 @@ class LocalConfig:
     batch_size: int = 16
     lr: float = 0.05
     max_steps: int | None = None
+    # Per-step client gradient clipping (LocalTrainingConfig.max_grad_norm); None = off.
+    max_grad_norm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,8 @@ class EmulationConfig:
     # the last round at local.lr * lr_final. FedAvg on non-IID data needs the decay to settle.
     lr_schedule: str = "constant"
     lr_final: float = 0.1
+    # Linear ramp to local.lr over the first rounds (devices.lr_schedule); 0 = none.
+    lr_warmup_rounds: int = 0
     mode: str = "sync"  # "async": FedBuff-style buffered rounds (hierarchy.async_emulate)
     buffer_size: int | None = None  # async: updates per gateway flush (default: half its devices)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -138,7 +143,10 @@ class EmulationConfig:
             raise ValueError("epochs and batch-size must be >= 1 and lr > 0")
         if self.local.max_steps is not None and self.local.max_steps < 1:
             raise ValueError("max-steps must be >= 1")
-        check_lr_schedule(self.lr_schedule, self.lr_final)
+        g = self.local.max_grad_norm
+        if g is not None and not (math.isfinite(g) and g > 0):
+            raise ValueError(f"max-grad-norm must be finite and > 0, got {g}")
+        check_lr_schedule(self.lr_schedule, self.lr_final, self.lr_warmup_rounds, self.rounds)
         if self.deadline_s is not None and not self.deadline_s > 0:
             raise ValueError(f"deadline must be > 0 seconds, got {self.deadline_s}")
         if self.eval_every < 1:
@@ -208,6 +216,7 @@ class EmulationConfig:
                 # An async device trains whenever it is free, against whichever version
                 # it holds: there is no round index to schedule by.
                 ("lr-schedule", self.lr_schedule != "constant"),
+                ("lr-warmup-rounds", self.lr_warmup_rounds > 0),
             ):
                 if used:
                     raise ValueError(f"{flag} is a synchronous-round option; not with --mode async")
@@ -606,7 +615,9 @@ class Emulation:
             params_ref = put(gather([self.coordinator.call("params")])[0])
             opened = {g: VIRTUAL_EPOCH + self.clock_s + s for g, s in starts.items()}
             gather([h.call("open_round", round_, params_ref, opened) for h in self.hosts])
-        lr = scheduled_lr(cfg.local.lr, round_, cfg.rounds, cfg.lr_schedule, cfg.lr_final)
+        lr = scheduled_lr(
+            cfg.local.lr, round_, cfg.rounds, cfg.lr_schedule, cfg.lr_final, cfg.lr_warmup_rounds
+        )
         local = LocalTrainingConfig(**{**asdict(cfg.local), "lr": lr})
         parts = gather(
             [

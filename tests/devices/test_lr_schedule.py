@@ -51,3 +51,30 @@ def test_bad_schedule_final_or_round_is_named() -> None:
         scheduled_lr(0.1, 0, 5, "cosine", 0.1)
     with pytest.raises(ValueError, match="round 6 of 5"):
         scheduled_lr(0.1, 6, 5, "cosine", 0.1)
+
+
+def test_warmup_ramps_linearly_to_the_peak_then_the_schedule_decays_from_there() -> None:
+    lrs = [scheduled_lr(0.4, r, 20, "cosine", 0.1, warmup=4) for r in range(1, 21)]
+    assert lrs[:4] == pytest.approx([0.1, 0.2, 0.3, 0.4])  # round 4 is the peak
+    assert lrs[-1] == pytest.approx(0.04)
+    assert all(a > b for a, b in itertools.pairwise(lrs[3:]))
+    # The decay runs over rounds 4..20: its midpoint (round 12) is halfway down.
+    assert lrs[11] == pytest.approx((0.4 + 0.04) / 2)
+    # Constant with warm-up: the ramp, then flat.
+    assert [scheduled_lr(1.0, r, 5, "constant", 0.1, warmup=2) for r in range(1, 6)] == [
+        0.5, 1.0, 1.0, 1.0, 1.0
+    ]
+    # warmup 0 and 1 are both "no ramp": round 1 already trains at lr.
+    for w in (0, 1):
+        assert [scheduled_lr(0.2, r, 6, "exp", 0.1, warmup=w) for r in range(1, 7)] == [
+            scheduled_lr(0.2, r, 6, "exp", 0.1) for r in range(1, 7)
+        ]
+    # A warm-up as long as the run ends at the peak.
+    assert scheduled_lr(0.3, 5, 5, "cosine", 0.1, warmup=5) == pytest.approx(0.3)
+
+
+def test_bad_warmup_is_named() -> None:
+    with pytest.raises(ValueError, match="lr-warmup-rounds must be >= 0"):
+        check_lr_schedule("cosine", 0.1, warmup=-1)
+    with pytest.raises(ValueError, match=r"warmup-rounds \(6\) must not exceed the rounds \(5\)"):
+        scheduled_lr(0.1, 1, 5, "cosine", 0.1, warmup=6)

@@ -26,7 +26,12 @@ from devices.models import (
     num_params,
     set_flat_params,
 )
-from devices.training import LocalTrainingConfig, batch_plan, num_steps, train_device
+from devices.training import (
+    LocalTrainingConfig,
+    batch_plan,
+    num_steps,
+    train_device,
+)
 
 SHAPES = {"mlp": ((64,), 10), "cnn1d": ((6, 128), 12), "cnn2d": ((1, 28, 28), 10)}
 
@@ -70,6 +75,9 @@ def test_config_rejects_nonsense() -> None:
         LocalTrainingConfig(batch_size=0)
     with pytest.raises(ValueError, match="max_steps"):
         LocalTrainingConfig(max_steps=-1)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="max_grad_norm"):
+            LocalTrainingConfig(max_grad_norm=bad)
 
 
 # --- models -------------------------------------------------------------------------------
@@ -277,3 +285,117 @@ def test_cohort_matches_train_device_over_rounds_with_a_decaying_lr(schedule: st
         g_single = (g_single + weights @ np.stack([ref.delta for ref in refs])).astype(np.float32)
         np.testing.assert_allclose(g_cohort, g_single, atol=1e-5, rtol=0)
     assert lrs[0] == pytest.approx(0.2) and lrs[-1] == pytest.approx(0.02)
+
+
+# --- per-step gradient clipping (max_grad_norm) ----------------------------------------------
+
+
+def test_train_device_clips_each_step_to_max_grad_norm() -> None:
+    """One full-batch step: the update is ``-lr * g * min(1, c / |g|)``, so a clipped step
+    moves exactly ``lr * c`` and an unclipped one is bit-identical to no clipping at all."""
+    name = "cnn1d"
+    shape, classes = SHAPES[name]
+    (x, y), = _devices(name, [12], seed=2)
+    model = build_model(name, shape, classes)
+    g = init_params(name, shape, classes, seed=5)
+    one_step = LocalTrainingConfig(epochs=1, batch_size=12, lr=0.1)
+    free = train_device(model, g, x, y, one_step, seed=0)
+    grad_norm = float(np.linalg.norm(free.delta.astype(np.float64))) / 0.1
+
+    c = grad_norm / 4
+    clipped = train_device(
+        model, g, x, y, LocalTrainingConfig(1, 12, 0.1, max_grad_norm=c), seed=0
+    )
+    assert np.linalg.norm(clipped.delta.astype(np.float64)) == pytest.approx(0.1 * c, rel=1e-4)
+    # Same direction, only shorter.
+    np.testing.assert_allclose(clipped.delta, free.delta / 4, atol=1e-6, rtol=0)
+
+    loose = train_device(
+        model, g, x, y, LocalTrainingConfig(1, 12, 0.1, max_grad_norm=grad_norm * 2), seed=0
+    )
+    assert np.array_equal(loose.delta, free.delta)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn1d"])
+@pytest.mark.parametrize("clip", ["active", "inactive"])
+def test_cohort_matches_train_device_with_gradient_clipping(name: str, clip: str) -> None:
+    """Clipping is per device row of the vmapped step (its norm over all parameter
+    tensors): devices of different sizes, short last batches, buckets that mix devices
+    still training with finished ones, and an empty device all agree with train_device."""
+    shape, classes = SHAPES[name]
+    sizes = [17, 1, 40, 0, 5, 23, 3]
+    data = _devices(name, sizes, seed=3)
+    seeds = [21, 22, 23, 24, 25, 26, 27]
+    model = build_model(name, shape, classes)
+    g = init_params(name, shape, classes, seed=6)
+    # Random-label data at init: step gradients are O(1) here, so 0.05 clips every step
+    # and 1e6 none.
+    c = 0.05 if clip == "active" else 1e6
+    cfg = LocalTrainingConfig(epochs=2, batch_size=8, lr=0.2, max_grad_norm=c)
+    plain = LocalTrainingConfig(epochs=2, batch_size=8, lr=0.2)
+    trainer = CohortTrainer(model, max_cohort=3)
+
+    res = trainer.train(g, data, cfg, seeds)
+    unclipped = trainer.train(g, data, plain, seeds)
+
+    for i, ((x, y), seed) in enumerate(zip(data, seeds, strict=True)):
+        ref = train_device(model, g, x, y, cfg, seed)
+        assert res.steps[i] == ref.steps
+        np.testing.assert_allclose(res.deltas[i], ref.delta, atol=1e-5, rtol=0)
+        assert res.loss[i] == pytest.approx(ref.loss, abs=1e-5)
+        if clip == "active" and ref.steps:
+            # Every step moved exactly lr * c, so the whole update is at most steps * lr * c.
+            assert np.linalg.norm(res.deltas[i]) <= ref.steps * 0.2 * c * (1 + 1e-4)
+            assert not np.allclose(res.deltas[i], unclipped.deltas[i], atol=1e-4)
+    if clip == "inactive":
+        np.testing.assert_allclose(res.deltas, unclipped.deltas, atol=1e-6, rtol=0)
+    assert not res.deltas[3].any() and res.steps[3] == 0
+
+
+def test_cohort_clipping_is_per_device_not_per_cohort() -> None:
+    """A device with a tiny gradient is left alone while another in the same vmapped call is
+    clipped: with c between their norms, each row gets its own scale."""
+    name = "mlp"
+    shape, classes = SHAPES[name]
+    model = build_model(name, shape, classes)
+    g = init_params(name, shape, classes, seed=7)
+    rng = np.random.default_rng(8)
+    big = (rng.normal(size=(8, 64)).astype(np.float32) * 10, rng.integers(0, classes, 8))
+    small = (rng.normal(size=(8, 64)).astype(np.float32) * 1e-3, rng.integers(0, classes, 8))
+    one = LocalTrainingConfig(epochs=1, batch_size=8, lr=0.1)
+    norms = [
+        float(np.linalg.norm(train_device(model, g, x, y, one, 0).delta)) / 0.1
+        for x, y in (big, small)
+    ]
+    c = float(np.sqrt(norms[0] * norms[1]))  # geometric middle
+    assert norms[1] < c < norms[0]
+    cfg = LocalTrainingConfig(epochs=1, batch_size=8, lr=0.1, max_grad_norm=c)
+    res = CohortTrainer(model).train(g, [big, small], cfg, [0, 0])
+    assert np.linalg.norm(res.deltas[0]) == pytest.approx(0.1 * c, rel=1e-4)
+    assert np.linalg.norm(res.deltas[1]) == pytest.approx(0.1 * norms[1], rel=1e-4)
+    for i, (x, y) in enumerate((big, small)):
+        np.testing.assert_allclose(
+            res.deltas[i], train_device(model, g, x, y, cfg, 0).delta, atol=1e-5, rtol=0
+        )
+
+
+
+def test_device_client_takes_max_grad_norm(tmp_path, capsys) -> None:
+    """``tierfl device --max-grad-norm`` reaches the reference client's LocalTrainingConfig."""
+    import argparse
+
+    from devices.client import DeviceOptions, LocalTrainer, add_device_parser
+
+    parser = argparse.ArgumentParser()
+    add_device_parser(parser.add_subparsers())
+    base = ["device", "--gateway", "coap://127.0.0.1:5683", "--id", "d0", "--key",
+            str(tmp_path / "d0.key"), "--dataset", "digits"]
+    args = parser.parse_args([*base, "--max-grad-norm", "0.5"])
+    fields = DeviceOptions.__dataclass_fields__
+    opts = DeviceOptions(**{k: v for k, v in vars(args).items() if k in fields})
+    assert LocalTrainer(opts).config.max_grad_norm == 0.5
+    assert parser.parse_args(base).max_grad_norm is None
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args([*base, "--max-grad-norm", "0"])
+    assert exc.value.code == 2
+    assert "argument --max-grad-norm: must be > 0, got 0" in capsys.readouterr().err

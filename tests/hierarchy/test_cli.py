@@ -15,6 +15,13 @@ from .test_emulate import SMOKE
         (["emulate", str(SMOKE), "--clip-norm", "inf"], "--clip-norm: must be a finite number"),
         (["emulate", str(SMOKE), "--dataset", "cifar"], "invalid choice: 'cifar'"),
         (["emulate", str(SMOKE), "--lr", "-1"], "--lr: must be > 0"),
+        (["emulate", str(SMOKE), "--max-grad-norm", "0"], "--max-grad-norm: must be > 0"),
+        (["emulate", str(SMOKE), "--max-grad-norm", "-2"], "--max-grad-norm: must be > 0"),
+        (
+            ["emulate", str(SMOKE), "--max-grad-norm", "big"],
+            "--max-grad-norm: must be a number, got 'big'",
+        ),
+        (["emulate", str(SMOKE), "--lr-warmup-rounds", "-1"], "--lr-warmup-rounds: must be >= 0"),
         (["emulate", str(SMOKE), "--strategy", "fedprox"], "invalid choice: 'fedprox'"),
         (["emulate"], "the following arguments are required: topology"),
         (["emulate", str(SMOKE), "--downlink", "sparse"], "invalid choice: 'sparse'"),
@@ -68,6 +75,20 @@ def test_momentum_must_be_below_one(capsys):
     assert "--server-momentum must be < 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_max_grad_norm_must_be_finite(value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["emulate", str(SMOKE), "--max-grad-norm", value])
+    assert exc.value.code == 2
+    assert f"--max-grad-norm: must be a finite number, got {value}" in capsys.readouterr().err
+
+
+def test_warmup_longer_than_the_run_exits_2(capsys):
+    argv = ["emulate", str(SMOKE), "--rounds", "3", "--lr-warmup-rounds", "4"]
+    assert main(argv) == 2
+    assert "lr-warmup-rounds (4) must not exceed the rounds (3)" in capsys.readouterr().err
+
+
 def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["emulate", "--help"])
@@ -85,6 +106,8 @@ def test_help_documents_every_flag(capsys):
         "--gateway-hosts",
         "--alpha",
         "--max-steps",
+        "--max-grad-norm",
+        "--lr-warmup-rounds",
         "--downlink",
         "--downlink-codec",
         "--downlink-topk-ratio",
