@@ -68,6 +68,13 @@ class SecureSum:
     per_party: list[dict[str, Any]] = field(default_factory=list)
 
 
+_PORT_ATTEMPTS = 3
+
+
+def _port_taken(reason: str) -> bool:
+    return "EADDRINUSE" in reason or "address already in use" in reason.lower()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -120,6 +127,20 @@ class SecureAggregator:
         return AggregatorParty
 
     def start(self) -> None:
+        """Start the party group; a rendezvous port taken meanwhile is retried on a fresh one.
+
+        ``free_port`` only finds a port that was free a moment ago: between it and
+        rank 0's listen, another process (a Ray worker, another run) can take it.
+        """
+        for attempt in range(_PORT_ATTEMPTS):
+            try:
+                self._start_once()
+                return
+            except SecureAggregationError as exc:
+                if attempt == _PORT_ATTEMPTS - 1 or not _port_taken(str(exc)):
+                    raise
+
+    def _start_once(self) -> None:
         from cloud.smpc import Dealer
 
         self.port = free_port(self.host)

@@ -222,3 +222,30 @@ def test_five_parties_reveal_the_sum_of_many_gateways(backend):
         assert np.linalg.norm(res.values - plain) <= 1e-4 * np.linalg.norm(plain)
         assert np.abs(res.values - plain).max() <= 40 * 2.0**-17
         assert len(res.gateways) == 40 and res.share_bytes_in == 5 * 40 * 1500 * 8
+
+
+def test_a_rendezvous_port_taken_before_rank_0_listens_is_retried(backend, monkeypatch):
+    import socket
+
+    import cloud.secure_aggregator as sa
+
+    # Another process holds the port free_port() hands out first (the race a real
+    # run hit: the port was free when picked, taken when rank 0 came to listen).
+    squatter = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen(1)
+    taken = squatter.getsockname()[1]
+    real = sa.free_port
+    ports = iter([taken])
+    monkeypatch.setattr(sa, "free_port", lambda host="127.0.0.1": next(ports, None) or real(host))
+    try:
+        agg = SecureAggregator(backend, parties=2, timeout_s=60, start_timeout_s=60)
+        try:
+            assert agg.port != taken
+            xs = [np.full(10, 1.5), np.full(10, -0.25)]
+            _submit(agg, 1, xs)
+            np.testing.assert_allclose(agg.aggregate(1).values, np.full(10, 1.25), atol=1e-4)
+        finally:
+            agg.shutdown()
+    finally:
+        squatter.close()
