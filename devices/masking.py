@@ -224,33 +224,52 @@ def _raw(pub: X25519PublicKey) -> bytes:
     return pub.public_bytes_raw()
 
 
+class _BoxKeys:
+    """Box keys one X25519 private key shares with its peers, by peer public key.
+
+    Bounded (oldest dropped first): the exchange runs once per peer while it
+    stays in the cache. A low-order peer key raises ``ValueError``.
+    """
+
+    def __init__(self, private_key: X25519PrivateKey, max_peers: int) -> None:
+        self._key = private_key
+        self.public_raw = _raw(private_key.public_key())
+        self._aead: dict[bytes, ChaCha20Poly1305] = {}
+        self._max = max_peers
+
+    def get(self, peer: bytes, *, sending: bool) -> ChaCha20Poly1305:
+        box = self._aead.get(peer)
+        if box is None:
+            shared = self._key.exchange(X25519PublicKey.from_public_bytes(peer))
+            sender, recipient = (self.public_raw, peer) if sending else (peer, self.public_raw)
+            box = _box_aead(shared, sender, recipient)
+            if len(self._aead) >= self._max:
+                del self._aead[next(iter(self._aead))]  # dicts keep insertion order
+            self._aead[peer] = box
+        return box
+
+    def __len__(self) -> int:
+        return len(self._aead)
+
+
 class SealingKey:
     """A device's X25519 key for sealing seeds, with its box key per party cached.
 
     Keep one per device for its lifetime (the cache is what makes sealing
     cheap). ``max_parties`` bounds the cache: a device talks to K parties,
-    and a fresh party group (new keys) simply replaces the old entries.
+    and a fresh party group (new keys) pushes the old entries out.
     """
 
     def __init__(self, private_key: X25519PrivateKey | None = None, max_parties: int = 64):
-        self._key = private_key if private_key is not None else X25519PrivateKey.generate()
-        self.public_raw = _raw(self._key.public_key())
-        self._aead: dict[bytes, ChaCha20Poly1305] = {}
-        self._max = max_parties
+        key = private_key if private_key is not None else X25519PrivateKey.generate()
+        self._boxes = _BoxKeys(key, max_parties)
+        self.public_raw = self._boxes.public_raw
 
     def aead_for(self, party_pub: bytes, party: int) -> ChaCha20Poly1305:
-        box = self._aead.get(party_pub)
-        if box is None:
-            try:
-                shared = self._key.exchange(X25519PublicKey.from_public_bytes(party_pub))
-            except ValueError:
-                raise ValueError(
-                    f"party {party}: public key is a low-order point, refusing"
-                ) from None
-            if len(self._aead) >= self._max:
-                self._aead.clear()
-            box = self._aead[party_pub] = _box_aead(shared, self.public_raw, party_pub)
-        return box
+        try:
+            return self._boxes.get(party_pub, sending=True)
+        except ValueError:
+            raise ValueError(f"party {party}: public key is a low-order point, refusing") from None
 
 
 def seal_seed(
@@ -285,10 +304,8 @@ class SeedOpener:
     """
 
     def __init__(self, private_key: X25519PrivateKey, max_senders: int = 1 << 17):
-        self._key = private_key
-        self.public_raw = _raw(private_key.public_key())
-        self._aead: dict[bytes, ChaCha20Poly1305] = {}
-        self._max = max_senders
+        self._boxes = _BoxKeys(private_key, max_senders)
+        self.public_raw = self._boxes.public_raw
 
     def open(self, sealed: bytes, device: str, round_: int, party: int) -> bytes:
         """Open a box sealed by :func:`seal_seed`; :class:`SealError` names device, round, party."""
@@ -296,17 +313,10 @@ class SeedOpener:
         if not isinstance(sealed, bytes | bytearray) or len(sealed) != SEALED_BYTES:
             n = len(sealed) if isinstance(sealed, bytes | bytearray) else type(sealed).__name__
             raise SealError(f"{where}: expected {SEALED_BYTES} bytes, got {n}")
-        sender = bytes(sealed[:KEY_BYTES])
-        box = self._aead.get(sender)
-        if box is None:
-            try:
-                shared = self._key.exchange(X25519PublicKey.from_public_bytes(sender))
-            except ValueError:
-                raise SealError(f"{where}: invalid sender key (tampered)") from None
-            box = _box_aead(shared, sender, self.public_raw)
-            if len(self._aead) >= self._max:
-                del self._aead[next(iter(self._aead))]  # dicts keep insertion order
-            self._aead[sender] = box
+        try:
+            box = self._boxes.get(bytes(sealed[:KEY_BYTES]), sending=False)
+        except ValueError:
+            raise SealError(f"{where}: invalid sender key (tampered)") from None
         nonce = bytes(sealed[KEY_BYTES : KEY_BYTES + NONCE_BYTES])
         try:
             ad = associated_data(device, round_, party)
@@ -340,19 +350,29 @@ def device_mask(seed: bytes, party: int, n: int, out: np.ndarray | None = None) 
     return expand_mask(seed, party, n, MASK_LABEL, out=out)
 
 
+def _check_clip_norm(clip_norm: float) -> None:
+    if not (math.isfinite(clip_norm) and clip_norm > 0):
+        raise ValueError(f"clip_norm must be positive and finite, got {clip_norm!r}")
+
+
+def _clip_rows(block: np.ndarray, clip_norm: float) -> None:
+    """Scale each row of ``block`` longer than ``clip_norm`` down to that L2 norm (in place)."""
+    norms = np.linalg.norm(block, axis=1)
+    long = norms > clip_norm
+    block[long] *= (clip_norm / norms[long]).astype(block.dtype)[:, None]
+
+
 def clip_l2(update: np.ndarray, clip_norm: float) -> np.ndarray:
     """Scale ``update`` down to L2 norm ``clip_norm`` if it is longer (a copy).
 
-    The device's DP clipping, wherever it runs. A float32 update stays float32
-    (what the device would send); anything else comes back as float64.
+    The device's DP clipping, wherever it runs (:func:`mask_cohort` does the
+    same row by row). A float32 update stays float32 (what the device would
+    send); anything else comes back as float64.
     """
-    if not (math.isfinite(clip_norm) and clip_norm > 0):
-        raise ValueError(f"clip_norm must be positive and finite, got {clip_norm!r}")
+    _check_clip_norm(clip_norm)
     u = np.asarray(update)
     u = np.array(u, dtype=np.float32 if u.dtype == np.float32 else np.float64, copy=True)
-    n = float(np.linalg.norm(u))
-    if n > clip_norm:
-        u *= u.dtype.type(clip_norm / n)
+    _clip_rows(u.reshape(1, -1), clip_norm)
     return u
 
 
@@ -409,28 +429,6 @@ class MaskedBatch:
         self.weights = [float(w) for w in weights]
         self.sealed = [dict(b) for b in sealed]
 
-    @classmethod
-    def of(cls, updates: Sequence[MaskedUpdate]) -> MaskedBatch:
-        """Stack single updates (copies their vectors into one block)."""
-        return cls(
-            [u.device for u in updates],
-            [u.round for u in updates],
-            np.stack([u.masked for u in updates]),
-            [u.weight for u in updates],
-            [u.sealed for u in updates],
-        )
-
-    def select(self, rows: Sequence[int]) -> MaskedBatch:
-        """The batch of these rows, in this order (one gather of their vectors)."""
-        idx = np.asarray(rows, dtype=np.int64)
-        return MaskedBatch(
-            [self.devices[i] for i in rows],
-            [self.rounds[i] for i in rows],
-            self.masked[idx],
-            [self.weights[i] for i in rows],
-            [self.sealed[i] for i in rows],
-        )
-
     def __len__(self) -> int:
         return len(self.devices)
 
@@ -481,17 +479,15 @@ def mask_cohort(
     targets = seeded_parties(keys.parties, seal_to_party0)
     if seeds is not None and (len(seeds) != n or any(len(s) != len(targets) for s in seeds)):
         raise ValueError(f"need {len(targets)} seeds (parties {targets}) for each of {n} devices")
-    if clip_norm is not None and not (math.isfinite(clip_norm) and clip_norm > 0):
-        raise ValueError(f"clip_norm must be positive and finite, got {clip_norm!r}")
+    if clip_norm is not None:
+        _check_clip_norm(clip_norm)
     x = np.empty(block.shape, dtype=np.int64)
     # Float work in chunks of rows: the temporaries stay small (cache-sized, no
     # fresh pages to fault in each round); only the int64 block is full size.
     for lo in range(0, n, _CHUNK_ROWS):
         u = np.array(block[lo : lo + _CHUNK_ROWS], dtype=np.float64, copy=True)
         if clip_norm is not None:
-            norms = np.linalg.norm(u, axis=1)
-            long = norms > clip_norm
-            u[long] *= (clip_norm / norms[long])[:, None]
+            _clip_rows(u, clip_norm)
         u *= w[lo : lo + _CHUNK_ROWS, None]
         try:
             x[lo : lo + _CHUNK_ROWS] = encode_fixed(u, FRAC_BITS, max_terms)
@@ -536,15 +532,9 @@ def mask_update(
     for tests only. ``sender``: the device's long-term :class:`SealingKey` (a
     throwaway key for this update when omitted).
     """
-    check_device_id(device)
     u = np.asarray(update)
     if u.ndim != 1:
         raise ValueError(f"device {device!r}: expected a flat update, got shape {u.shape}")
-    if not (math.isfinite(weight) and weight >= 0):
-        raise ValueError(f"device {device!r}: invalid weight {weight!r}")
-    targets = seeded_parties(keys.parties, seal_to_party0)
-    if seeds is not None and len(seeds) != len(targets):
-        raise ValueError(f"need {len(targets)} seeds (parties {targets}), got {len(seeds)}")
     batch = mask_cohort(
         [device],
         round_,

@@ -237,7 +237,7 @@ class CohortHost(Placed):
         weights = np.ones(n) if privacy.uniform_weights else res.num_samples.astype(np.float64)
         boxes = 0
         if party_keys is not None:
-            from devices.masking import SealingKey, seeded_parties
+            from devices.masking import SealingKey, masked_update_bytes, seeded_parties
 
             boxes = len(seeded_parties(party_keys.parties, privacy.seal_to_party0))
             for p in pos:  # each device's long-term sealing key, made on first use
@@ -245,14 +245,12 @@ class CohortHost(Placed):
                     self._sealing[self._nodes[p].id] = SealingKey()
         for k, (i, p) in enumerate(zip(mine, pos, strict=True)):
             node = self._nodes[p]
-            delta = res.deltas[k]
             if party_keys is not None:
-                from devices.masking import masked_update_bytes
-
                 # Masked ring values cannot be compressed: the update is P int64 + the
                 # sealed seeds, inside a signed envelope.
                 u_bytes = masked_update_bytes(node.id, num_params, boxes) + ENVELOPE_OVERHEAD_BYTES
             else:
+                delta = res.deltas[k]
                 if privacy.clip_norm is not None:
                     delta = clip_l2(delta, privacy.clip_norm)
                 codec, cparams = codecs[k]
