@@ -485,3 +485,62 @@ def test_codecs_and_compression_import_without_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_encode_f32_rows_matches_encoding_each_row() -> None:
+    from devices.codecs import encode_f32_rows
+
+    rng = np.random.default_rng(7)
+    block = rng.normal(size=(5, 33)).astype(np.float32)
+    block[3, 4] = np.nan  # a diverged device: sent raw, refused at the gateway
+    got = encode_f32_rows(block)
+    assert len(got) == 5
+    for k, enc in enumerate(got):
+        if k == 3:
+            assert enc.payload == block[3].astype("<f4").tobytes()
+            with pytest.raises(CodecError):
+                encode("f32", block[3])
+        else:
+            assert enc == encode("f32", block[k])
+    with pytest.raises(ValueError, match="2-D"):
+        encode_f32_rows(block[0])
+
+
+def test_decode_rows_equals_decoding_each_alone() -> None:
+    """The block path gives the rows, order and refusal reasons of one-by-one decode."""
+    from devices.codecs import decode_rows
+
+    n = 40
+    rng = np.random.default_rng(3)
+    good = [rng.normal(size=n).astype(np.float32) for _ in range(4)]
+    nan = good[0].copy()
+    nan[5] = np.inf
+    encs: list[Any] = [
+        encode("f32", good[0]),
+        encode("int8", good[1]),  # another codec: decoded one by one
+        Encoded("f32", (n,), nan.astype("<f4").tobytes(), {}),  # non-finite
+        Encoded("f32", (n,), good[2].astype("<f4").tobytes()[:-4], {}),  # short payload
+        encode("f32", good[2][: n - 1]),  # wrong shape
+        "not an update",
+        Encoded("f32", (n,), good[3].astype("<f4").tobytes(), {"x": 1}),  # unexpected meta
+        encode("f32", good[3]),
+    ]
+    rows, kept, errors = decode_rows(encs, n)
+    want_rows, want_kept, want_reasons = [], [], []
+    for i, e in enumerate(encs):
+        try:
+            d = decode(e, max_elements=n)
+            if d.shape != (n,):
+                raise CodecError("bad-shape", f"update has shape {d.shape}")
+        except CodecError as err:
+            want_reasons.append((i, err.reason))
+            continue
+        want_rows.append(d)
+        want_kept.append(i)
+    assert kept == want_kept == [0, 1, 7]
+    np.testing.assert_array_equal(rows, np.stack(want_rows))
+    assert rows.dtype == np.float32
+    assert [(i, e.reason) for i, e in errors] == want_reasons
+    assert {r for _, r in want_reasons} >= {"non-finite", "bad-length", "bad-shape"}
+    empty_rows, empty_kept, empty_errors = decode_rows([], n)
+    assert empty_rows.shape == (0, n) and empty_kept == [] and empty_errors == []
