@@ -60,6 +60,7 @@ bench: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy devices gateway cloud hierarchy
 
 clean:

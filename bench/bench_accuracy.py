@@ -24,10 +24,19 @@ sys.path.insert(0, str(ROOT))
 from hierarchy.emulate import EmulationConfig, LocalConfig, run_emulation  # noqa: E402
 
 
-def centralized(dataset: str, num_devices: int, model: str, epochs: int, batch: int, lr: float,
-                seed: int, schedule: str = "constant", final: float = 0.1,
-                max_grad_norm: float | None = None,
-                warmup_fraction: float = 0.0) -> list[float]:
+def centralized(
+    dataset: str,
+    num_devices: int,
+    model: str,
+    epochs: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    schedule: str = "constant",
+    final: float = 0.1,
+    max_grad_norm: float | None = None,
+    warmup_fraction: float = 0.0,
+) -> list[float]:
     """Per-epoch test accuracy of the same model trained on the pooled data.
 
     ``schedule``/``final`` decay the learning rate over the epochs exactly as
@@ -86,22 +95,41 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--strategy", default="fedavgm")
-    ap.add_argument("--lr-schedule", default="constant",
-                    help="client lr over rounds (constant, cosine, exp, inverse); the "
-                         "centralized baseline gets the same shape over its epochs")
-    ap.add_argument("--lr-final", type=float, default=0.1,
-                    help="last round's lr as a fraction of --lr (schedules other than constant)")
-    ap.add_argument("--max-grad-norm", type=float, default=None,
-                    help="clip every local SGD step's gradient to this L2 norm; the "
-                         "centralized baseline's steps are clipped the same")
-    ap.add_argument("--lr-warmup-rounds", type=int, default=0,
-                    help="ramp the client lr linearly over the first rounds; the "
-                         "centralized baseline ramps over the same share of its steps")
-    ap.add_argument("--central-lr", type=float, default=None,
-                    help="the centralized baseline's peak lr (default: --lr). A client lr "
-                         "that FedAvg's averaging tolerates can be too large for one "
-                         "model on pooled data; this keeps the baseline at its own best "
-                         "rate (same schedule shape and clipping) instead of weakening it")
+    ap.add_argument(
+        "--lr-schedule",
+        default="constant",
+        help="client lr over rounds (constant, cosine, exp, inverse); the "
+        "centralized baseline gets the same shape over its epochs",
+    )
+    ap.add_argument(
+        "--lr-final",
+        type=float,
+        default=0.1,
+        help="last round's lr as a fraction of --lr (schedules other than constant)",
+    )
+    ap.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=None,
+        help="clip every local SGD step's gradient to this L2 norm; the "
+        "centralized baseline's steps are clipped the same",
+    )
+    ap.add_argument(
+        "--lr-warmup-rounds",
+        type=int,
+        default=0,
+        help="ramp the client lr linearly over the first rounds; the "
+        "centralized baseline ramps over the same share of its steps",
+    )
+    ap.add_argument(
+        "--central-lr",
+        type=float,
+        default=None,
+        help="the centralized baseline's peak lr (default: --lr). A client lr "
+        "that FedAvg's averaging tolerates can be too large for one "
+        "model on pooled data; this keeps the baseline at its own best "
+        "rate (same schedule shape and clipping) instead of weakening it",
+    )
     ap.add_argument("--central-epochs", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backend", default="ray", choices=("ray", "local"))
@@ -113,17 +141,33 @@ def main() -> int:
     n_dev = len(load_topology(args.topology).devices)
     t0 = time.perf_counter()
     central_lr = args.lr if args.central_lr is None else args.central_lr
-    central = centralized(args.dataset, n_dev, args.model, args.central_epochs, args.batch_size,
-                          central_lr, args.seed, args.lr_schedule, args.lr_final,
-                          args.max_grad_norm, args.lr_warmup_rounds / args.rounds)
+    central = centralized(
+        args.dataset,
+        n_dev,
+        args.model,
+        args.central_epochs,
+        args.batch_size,
+        central_lr,
+        args.seed,
+        args.lr_schedule,
+        args.lr_final,
+        args.max_grad_norm,
+        args.lr_warmup_rounds / args.rounds,
+    )
     t_central = time.perf_counter() - t0
     cfg = EmulationConfig(
-        topology=args.topology, rounds=args.rounds, dataset=args.dataset, seed=args.seed,
+        topology=args.topology,
+        rounds=args.rounds,
+        dataset=args.dataset,
+        seed=args.seed,
         model=args.model,
-        local=LocalConfig(args.epochs, args.batch_size, args.lr,
-                          max_grad_norm=args.max_grad_norm),
-        strategy=args.strategy, backend=args.backend, plots=False, eval_every=5,
-        lr_schedule=args.lr_schedule, lr_final=args.lr_final,
+        local=LocalConfig(args.epochs, args.batch_size, args.lr, max_grad_norm=args.max_grad_norm),
+        strategy=args.strategy,
+        backend=args.backend,
+        plots=False,
+        eval_every=5,
+        lr_schedule=args.lr_schedule,
+        lr_final=args.lr_final,
         lr_warmup_rounds=args.lr_warmup_rounds,
     )
     t0 = time.perf_counter()
@@ -132,29 +176,44 @@ def main() -> int:
     fed = report["summary"]["final_accuracy"]
     # "Final" for centralized is its last epoch, like the federated run's last round.
     gap = (central[-1] - fed) * 100
-    print(f"dataset {args.dataset}, model {args.model}, {n_dev} devices "
-          f"({report['topology']['name']})")
-    sched = ("" if args.lr_schedule == "constant"
-             else f" ({args.lr_schedule} to x{args.lr_final})")
+    print(
+        f"dataset {args.dataset}, model {args.model}, {n_dev} devices "
+        f"({report['topology']['name']})"
+    )
+    sched = "" if args.lr_schedule == "constant" else f" ({args.lr_schedule} to x{args.lr_final})"
     if args.max_grad_norm is not None:
         sched += f", grad norm clipped to {args.max_grad_norm}"
     if args.lr_warmup_rounds:
         sched += f", linear warm-up over {args.lr_warmup_rounds} rounds"
-    print(f"centralized  {args.central_epochs} epochs SGD lr {central_lr}{sched} "
-          f"batch {args.batch_size}: "
-          f"final {central[-1]:.4f} (best {max(central):.4f}), wall {t_central:.1f} s")
-    print(f"federated    {args.strategy}, {args.rounds} rounds x {args.epochs} local epochs, "
-          f"lr {args.lr}{sched}: "
-          f"final {fed:.4f} (best {report['summary']['best_accuracy']:.4f}), "
-          f"emulated {report['summary']['emulated_time_s']:.1f} s, wall {t_fed:.1f} s")
-    print(f"gap centralized - federated: {gap:+.2f} points (target <= 3): "
-          f"{'met' if gap <= 3 else 'NOT met'}")
+    print(
+        f"centralized  {args.central_epochs} epochs SGD lr {central_lr}{sched} "
+        f"batch {args.batch_size}: "
+        f"final {central[-1]:.4f} (best {max(central):.4f}), wall {t_central:.1f} s"
+    )
+    print(
+        f"federated    {args.strategy}, {args.rounds} rounds x {args.epochs} local epochs, "
+        f"lr {args.lr}{sched}: "
+        f"final {fed:.4f} (best {report['summary']['best_accuracy']:.4f}), "
+        f"emulated {report['summary']['emulated_time_s']:.1f} s, wall {t_fed:.1f} s"
+    )
+    print(
+        f"gap centralized - federated: {gap:+.2f} points (target <= 3): "
+        f"{'met' if gap <= 3 else 'NOT met'}"
+    )
     if args.json:
-        curve = [(r["round"], r["accuracy"]) for r in report["rounds"]
-                 if r["accuracy"] is not None]
-        args.json.write_text(json.dumps({"centralized": central, "federated": fed,
-                                         "federated_curve": curve,
-                                         "gap_points": gap, "config": vars(args)}, default=str))
+        curve = [(r["round"], r["accuracy"]) for r in report["rounds"] if r["accuracy"] is not None]
+        args.json.write_text(
+            json.dumps(
+                {
+                    "centralized": central,
+                    "federated": fed,
+                    "federated_curve": curve,
+                    "gap_points": gap,
+                    "config": vars(args),
+                },
+                default=str,
+            )
+        )
     return 0
 
 

@@ -48,13 +48,13 @@ class Fleet:
 
 def _synthetic(name: str, num_devices: int, seed: int) -> Fleet:
     """Real-shaped random data, only if ``devices.datasets`` cannot be used."""
-    shape, classes = {"fashion": ((1, 28, 28), 10), "digits": ((64,), 10),
-                      "har": ((6, 128), 12)}[name]
+    shape, classes = {"fashion": ((1, 28, 28), 10), "digits": ((64,), 10), "har": ((6, 128), 12)}[
+        name
+    ]
     total = {"fashion": 48_000, "digits": 1_437, "har": 10_000}[name]
     rng = np.random.default_rng(seed)
     sizes = np.maximum(1, rng.dirichlet(np.full(num_devices, 2.0)) * total).astype(int)
-    data = [(rng.random((n, *shape), dtype=np.float32), rng.integers(0, classes, n))
-            for n in sizes]
+    data = [(rng.random((n, *shape), dtype=np.float32), rng.integers(0, classes, n)) for n in sizes]
     return Fleet(name, shape, classes, data, "synthetic (devices.datasets unavailable)")
 
 
@@ -156,42 +156,58 @@ def run_one(workload: str, num_devices: int, args: argparse.Namespace) -> Row:
 
 
 def print_table(rows: list[Row]) -> None:
-    head = (f"{'workload':<14} {'devices':>7} {'samples':>8} {'steps':>6} "
-            f"{'cohort s':>9} {'cohort upd/s':>13} {'1-by-1 s':>10} {'1-by-1 upd/s':>13} "
-            f"{'ratio':>7} {'max|Δdiff|':>11} {'≤1e-5':>9}")
+    head = (
+        f"{'workload':<14} {'devices':>7} {'samples':>8} {'steps':>6} "
+        f"{'cohort s':>9} {'cohort upd/s':>13} {'1-by-1 s':>10} {'1-by-1 upd/s':>13} "
+        f"{'ratio':>7} {'max|Δdiff|':>11} {'≤1e-5':>9}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         star = "*" if r.extrapolated else " "
         agree = f"{r.within_1e5}/{r.single_measured_devices}"
-        print(f"{r.workload + '/' + r.model:<14} {r.devices:>7} {r.samples:>8} {r.steps:>6} "
-              f"{r.cohort_s:>9.3f} {r.cohort_updates_per_s:>13.0f} "
-              f"{r.single_s:>9.3f}{star} {r.single_updates_per_s:>13.0f} "
-              f"{r.ratio:>6.1f}x {r.max_abs_delta_diff:>11.1e} {agree:>9}")
+        print(
+            f"{r.workload + '/' + r.model:<14} {r.devices:>7} {r.samples:>8} {r.steps:>6} "
+            f"{r.cohort_s:>9.3f} {r.cohort_updates_per_s:>13.0f} "
+            f"{r.single_s:>9.3f}{star} {r.single_updates_per_s:>13.0f} "
+            f"{r.ratio:>6.1f}x {r.max_abs_delta_diff:>11.1e} {agree:>9}"
+        )
     extrapolated = [r for r in rows if r.extrapolated]
     if extrapolated:
-        print(f"* one-by-one time measured on {extrapolated[0].single_measured_devices} random "
-              f"devices and extrapolated to the whole fleet by total SGD steps")
-    print("max|Δdiff| / ≤1e-5: cohort vs one-by-one deltas on the devices trained both ways. "
-          "Float32 summation order differs (grouped vs single conv); on a few long trajectories "
-          "a ReLU flips and the gap grows, as it does in train_device itself when only the "
-          "order of samples inside a batch changes.")
+        print(
+            f"* one-by-one time measured on {extrapolated[0].single_measured_devices} random "
+            f"devices and extrapolated to the whole fleet by total SGD steps"
+        )
+    print(
+        "max|Δdiff| / ≤1e-5: cohort vs one-by-one deltas on the devices trained both ways. "
+        "Float32 summation order differs (grouped vs single conv); on a few long trajectories "
+        "a ReLU flips and the gap grows, as it does in train_device itself when only the "
+        "order of samples inside a batch changes."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--devices", default="100,1000", help="comma-separated fleet sizes")
-    ap.add_argument("--workloads", default="fashion,digits",
-                    help="comma-separated datasets (har, fashion, digits)")
+    ap.add_argument(
+        "--workloads",
+        default="fashion,digits",
+        help="comma-separated datasets (har, fashion, digits)",
+    )
     ap.add_argument("--model", default=None, help="override the dataset's default model")
     ap.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label skew")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--max-cohort", type=int, default=256)
-    ap.add_argument("--baseline-devices", type=int, default=200,
-                    help="time at most this many devices one by one, extrapolate the rest")
+    ap.add_argument(
+        "--baseline-devices",
+        type=int,
+        default=200,
+        help="time at most this many devices one by one, extrapolate the rest",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="best of N timings")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--seed", type=int, default=0)
@@ -201,9 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.devices.split(",") if s]
     workloads = [w for w in args.workloads.split(",") if w]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"epochs={args.epochs} batch={args.batch_size} lr={args.lr} "
-          f"max_cohort={args.max_cohort}; best of {args.repeats}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"epochs={args.epochs} batch={args.batch_size} lr={args.lr} "
+        f"max_cohort={args.max_cohort}; best of {args.repeats}"
+    )
     rows: list[Row] = []
     for workload in workloads:
         for n in sizes:

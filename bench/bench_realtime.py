@@ -57,14 +57,26 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--strategy", default="fedavgm")
     ap.add_argument("--target", type=float, default=0.8, help="accuracy for time-to-target")
-    ap.add_argument("--deadline-s", type=float, default=None,
-                    help="deadline for the deadline+quorum policy (default: the sync run's p50)")
+    ap.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help="deadline for the deadline+quorum policy (default: the sync run's p50)",
+    )
     ap.add_argument("--quorum", type=float, default=0.7)
     ap.add_argument("--buffer-size", type=int, default=10, help="async: updates per flush")
-    ap.add_argument("--async-rounds", type=int, default=None,
-                    help="async: applied versions (default: --rounds x devices per buffer)")
-    ap.add_argument("--async-server-lr", type=float, default=None,
-                    help="async: server learning rate (stale, one-gateway versions are noisier)")
+    ap.add_argument(
+        "--async-rounds",
+        type=int,
+        default=None,
+        help="async: applied versions (default: --rounds x devices per buffer)",
+    )
+    ap.add_argument(
+        "--async-server-lr",
+        type=float,
+        default=None,
+        help="async: server learning rate (stale, one-gateway versions are noisier)",
+    )
     ap.add_argument("--async-strategy", default=None, help="async: server optimizer")
     ap.add_argument("--codecs", default=",".join(CODECS))
     ap.add_argument("--policies", default="sync,deadline+quorum,async")
@@ -74,9 +86,17 @@ def main() -> int:
     args = ap.parse_args()
 
     fields = {f.name for f in dataclasses.fields(EmulationConfig)}
-    base = dict(topology=args.topology, dataset=args.dataset, rounds=args.rounds, seed=args.seed,
-                local=LocalConfig(epochs=args.epochs, lr=args.lr), strategy=args.strategy,
-                backend=args.backend, plots=False, eval_every=1)
+    base = dict(
+        topology=args.topology,
+        dataset=args.dataset,
+        rounds=args.rounds,
+        seed=args.seed,
+        local=LocalConfig(epochs=args.epochs, lr=args.lr),
+        strategy=args.strategy,
+        backend=args.backend,
+        plots=False,
+        eval_every=1,
+    )
     rows: list[dict[str, Any]] = []
     deadline = args.deadline_s
     for policy in args.policies.split(","):
@@ -104,42 +124,54 @@ def main() -> int:
             rep = run_emulation(cfg, progress=False)
             wall = time.perf_counter() - t0
             rs = rep["rounds"]
-            rows.append({
-                "policy": policy,
-                "codec": name,
-                "final_accuracy": rep["summary"]["final_accuracy"],
-                "update_bytes_mean": sum(r["bytes"]["update_bytes_mean"] for r in rs) / len(rs),
-                "update_bytes_max": max(r["bytes"]["update_bytes_max"] for r in rs),
-                "latency_p50_s": rep["summary"]["round_latency_p50_s"],
-                "latency_p95_s": rep["summary"]["round_latency_p95_s"],
-                "time_to_target_s": time_to(rep, args.target),
-                "emulated_s": rep["summary"]["emulated_time_s"],
-                "energy_mwh_per_device_round": sum(r["energy_mwh"]["mean"] for r in rs) / len(rs),
-                "wall_s": wall,
-            })
+            rows.append(
+                {
+                    "policy": policy,
+                    "codec": name,
+                    "final_accuracy": rep["summary"]["final_accuracy"],
+                    "update_bytes_mean": sum(r["bytes"]["update_bytes_mean"] for r in rs) / len(rs),
+                    "update_bytes_max": max(r["bytes"]["update_bytes_max"] for r in rs),
+                    "latency_p50_s": rep["summary"]["round_latency_p50_s"],
+                    "latency_p95_s": rep["summary"]["round_latency_p95_s"],
+                    "time_to_target_s": time_to(rep, args.target),
+                    "emulated_s": rep["summary"]["emulated_time_s"],
+                    "energy_mwh_per_device_round": sum(r["energy_mwh"]["mean"] for r in rs)
+                    / len(rs),
+                    "wall_s": wall,
+                }
+            )
             r = rows[-1]
-            print(f"  {policy:16s} {name:13s} acc {r['final_accuracy']:.4f}  "
-                  f"bytes {r['update_bytes_mean']:8.0f}/{r['update_bytes_max']:6d}  "
-                  f"p50 {r['latency_p50_s']:.2f}s p95 {r['latency_p95_s']:.2f}s  "
-                  f"t->{args.target:.0%} {r['time_to_target_s'] or float('nan'):.1f}s  "
-                  f"wall {wall:.0f}s", flush=True)
+            print(
+                f"  {policy:16s} {name:13s} acc {r['final_accuracy']:.4f}  "
+                f"bytes {r['update_bytes_mean']:8.0f}/{r['update_bytes_max']:6d}  "
+                f"p50 {r['latency_p50_s']:.2f}s p95 {r['latency_p95_s']:.2f}s  "
+                f"t->{args.target:.0%} {r['time_to_target_s'] or float('nan'):.1f}s  "
+                f"wall {wall:.0f}s",
+                flush=True,
+            )
     ref = next(r for r in rows if r["policy"] == "sync" and r["codec"] == "f32")
-    print(f"\n{args.topology.name}, {args.dataset}, {args.rounds} rounds, {args.strategy}, "
-          f"{args.epochs} local epochs; baseline = sync f32 "
-          f"(accuracy {ref['final_accuracy']:.4f})")
-    hdr = (f"{'policy':16s} {'codec':13s} {'acc':>7s} {'Δacc pt':>8s} {'bytes mean':>10s} "
-           f"{'max':>6s} {'x smaller':>9s} {'p50 s':>6s} {'p95 s':>6s} "
-           f"{'t->' + format(args.target, '.0%'):>8s} {'mWh/dev':>8s}")
+    print(
+        f"\n{args.topology.name}, {args.dataset}, {args.rounds} rounds, {args.strategy}, "
+        f"{args.epochs} local epochs; baseline = sync f32 "
+        f"(accuracy {ref['final_accuracy']:.4f})"
+    )
+    hdr = (
+        f"{'policy':16s} {'codec':13s} {'acc':>7s} {'Δacc pt':>8s} {'bytes mean':>10s} "
+        f"{'max':>6s} {'x smaller':>9s} {'p50 s':>6s} {'p95 s':>6s} "
+        f"{'t->' + format(args.target, '.0%'):>8s} {'mWh/dev':>8s}"
+    )
     print(hdr)
     for r in rows:
         tt = r["time_to_target_s"]
-        print(f"{r['policy']:16s} {r['codec']:13s} {r['final_accuracy']:7.4f} "
-              f"{(r['final_accuracy'] - ref['final_accuracy']) * 100:+8.2f} "
-              f"{r['update_bytes_mean']:10.0f} {r['update_bytes_max']:6d} "
-              f"{ref['update_bytes_mean'] / r['update_bytes_mean']:9.1f} "
-              f"{r['latency_p50_s']:6.2f} {r['latency_p95_s']:6.2f} "
-              f"{(f'{tt:.1f}' if tt is not None else 'never'):>8s} "
-              f"{r['energy_mwh_per_device_round']:8.3f}")
+        print(
+            f"{r['policy']:16s} {r['codec']:13s} {r['final_accuracy']:7.4f} "
+            f"{(r['final_accuracy'] - ref['final_accuracy']) * 100:+8.2f} "
+            f"{r['update_bytes_mean']:10.0f} {r['update_bytes_max']:6d} "
+            f"{ref['update_bytes_mean'] / r['update_bytes_mean']:9.1f} "
+            f"{r['latency_p50_s']:6.2f} {r['latency_p95_s']:6.2f} "
+            f"{(f'{tt:.1f}' if tt is not None else 'never'):>8s} "
+            f"{r['energy_mwh_per_device_round']:8.3f}"
+        )
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args), "rows": rows}, default=str, indent=2))
     return 0

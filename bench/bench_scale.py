@@ -27,8 +27,9 @@ from hierarchy.topogen import generate_topology, write_topology
 def one(devices: int, gateways: int, dataset: str, backend: str, tmp: Path) -> dict[str, float]:
     path = tmp / f"scale-{gateways}x{devices // gateways}.graphml"
     write_topology(generate_topology(gateways, devices // gateways, "5g", seed=0), path)
-    cfg = EmulationConfig(topology=path, rounds=1, dataset=dataset, seed=0, backend=backend,
-                          plots=False, eval_every=1)
+    cfg = EmulationConfig(
+        topology=path, rounds=1, dataset=dataset, seed=0, backend=backend, plots=False, eval_every=1
+    )
     t0 = time.perf_counter()
     with PeakMemory() as mem:
         report = run_emulation(cfg, progress=False)
@@ -56,19 +57,26 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        base = one(args.devices // 10, max(1, args.gateways // 10), args.dataset, args.backend,
-                   Path(d))
+        base = one(
+            args.devices // 10, max(1, args.gateways // 10), args.dataset, args.backend, Path(d)
+        )
         big = one(args.devices, args.gateways, args.dataset, args.backend, Path(d))
-    print(f"{'devices':>8} {'gateways':>8} {'wall s':>8} {'setup s':>8} {'round s':>8} "
-          f"{'peak GB':>8} {'acc':>6}")
+    print(
+        f"{'devices':>8} {'gateways':>8} {'wall s':>8} {'setup s':>8} {'round s':>8} "
+        f"{'peak GB':>8} {'acc':>6}"
+    )
     for r in (base, big):
-        print(f"{r['devices']:>8} {r['gateways']:>8} {r['wall_total_s']:>8.1f} "
-              f"{r['wall_setup_s']:>8.1f} {r['wall_round_s']:>8.1f} {r['peak_gb']:>8.2f} "
-              f"{r['accuracy']:>6.3f}")
-    print(f"ratio {args.devices} vs {args.devices // 10} devices: wall x"
-          f"{big['wall_total_s'] / base['wall_total_s']:.2f}, round x"
-          f"{big['wall_round_s'] / base['wall_round_s']:.2f}, memory x"
-          f"{big['peak_gb'] / base['peak_gb']:.2f}")
+        print(
+            f"{r['devices']:>8} {r['gateways']:>8} {r['wall_total_s']:>8.1f} "
+            f"{r['wall_setup_s']:>8.1f} {r['wall_round_s']:>8.1f} {r['peak_gb']:>8.2f} "
+            f"{r['accuracy']:>6.3f}"
+        )
+    print(
+        f"ratio {args.devices} vs {args.devices // 10} devices: wall x"
+        f"{big['wall_total_s'] / base['wall_total_s']:.2f}, round x"
+        f"{big['wall_round_s'] / base['wall_round_s']:.2f}, memory x"
+        f"{big['peak_gb'] / base['peak_gb']:.2f}"
+    )
     ok = big["wall_total_s"] <= 60 and big["peak_gb"] <= 6
     print(f"targets (<= 60 s, <= 6 GB): {'met' if ok else 'NOT met'}")
     if args.json:

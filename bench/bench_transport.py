@@ -78,15 +78,21 @@ def run(topology: Path, transport: str, args: argparse.Namespace) -> dict[str, A
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--topologies", default="smoke,metro-5g",
-                    help="comma-separated names under topologies/ (or paths)")
+    ap.add_argument(
+        "--topologies",
+        default="smoke,metro-5g",
+        help="comma-separated names under topologies/ (or paths)",
+    )
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--backend", default="local", choices=("local", "ray"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--privacy", default="none", choices=("none", "gateway-trusted", "auto"))
-    ap.add_argument("--transports", default=",".join(TRANSPORTS),
-                    help="comma-separated; direct always runs (it is the baseline)")
+    ap.add_argument(
+        "--transports",
+        default=",".join(TRANSPORTS),
+        help="comma-separated; direct always runs (it is the baseline)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.rounds < 2:
@@ -100,31 +106,51 @@ def main() -> int:
         wanted = set(args.transports.split(",")) | {"direct"}
         for transport in [t for t in TRANSPORTS if t in wanted]:
             rows.append(run(path, transport, args))
-            print(f"  {path.stem} {transport}: {rows[-1]['round_wall_s']:.3f} s/round",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  {path.stem} {transport}: {rows[-1]['round_wall_s']:.3f} s/round",
+                file=sys.stderr,
+                flush=True,
+            )
 
-    print(f"\nbackend {args.backend}, dataset {args.dataset}, {args.rounds} rounds "
-          "(steady state: rounds 2..N)\n")
-    print("| topology | devices | transport | update B | wall s/round | × direct "
-          "| hand-over s/round | upload RTT p50 / p95 ms | set-up s | same model |")
+    print(
+        f"\nbackend {args.backend}, dataset {args.dataset}, {args.rounds} rounds "
+        "(steady state: rounds 2..N)\n"
+    )
+    print(
+        "| topology | devices | transport | update B | wall s/round | × direct "
+        "| hand-over s/round | upload RTT p50 / p95 ms | set-up s | same model |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        base = next(r for r in rows if r["topology"] == row["topology"]
-                    and r["transport"] == "direct")
+        base = next(
+            r for r in rows if r["topology"] == row["topology"] and r["transport"] == "direct"
+        )
         same = "yes" if row["hashes"] == base["hashes"] else "NO"
-        rtt = ("—" if row["transport"] == "direct"
-               else f"{row['rtt_p50_ms']:.1f} / {row['rtt_p95_ms']:.1f}")
-        print(f"| {row['topology']} | {row['devices']} | {row['transport']} "
-              f"| {row['update_bytes']:,.0f} | {row['round_wall_s']:.3f} "
-              f"| {row['round_wall_s'] / base['round_wall_s']:.2f} "
-              f"| {row['transport_wall_s']:.3f} | {rtt} | {row['setup_s']:.1f} | {same} |")
+        rtt = (
+            "—"
+            if row["transport"] == "direct"
+            else f"{row['rtt_p50_ms']:.1f} / {row['rtt_p95_ms']:.1f}"
+        )
+        print(
+            f"| {row['topology']} | {row['devices']} | {row['transport']} "
+            f"| {row['update_bytes']:,.0f} | {row['round_wall_s']:.3f} "
+            f"| {row['round_wall_s'] / base['round_wall_s']:.2f} "
+            f"| {row['transport_wall_s']:.3f} | {rtt} | {row['setup_s']:.1f} | {same} |"
+        )
         if row["rejected"] or row["failed"]:
-            print(f"  !! {row['topology']} {row['transport']}: {row['rejected']} rejected, "
-                  f"{row['failed']} without an answer")
+            print(
+                f"  !! {row['topology']} {row['transport']}: {row['rejected']} rejected, "
+                f"{row['failed']} without an answer"
+            )
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2))
-    ok = all(r["hashes"] == next(b for b in rows if b["topology"] == r["topology"]
-                                 and b["transport"] == "direct")["hashes"] for r in rows)
+    ok = all(
+        r["hashes"]
+        == next(b for b in rows if b["topology"] == r["topology"] and b["transport"] == "direct")[
+            "hashes"
+        ]
+        for r in rows
+    )
     return 0 if ok else 1
 
 

@@ -50,9 +50,9 @@ _SPLIT_STREAM = 0x7E57
 class DeviceData:
     """One device's private data: what it trains on and what it evaluates on locally."""
 
-    x_train: np.ndarray   # float32, shape (n, *input_shape)
-    y_train: np.ndarray   # int64, shape (n,)
-    x_test: np.ndarray    # local test split (may be empty)
+    x_train: np.ndarray  # float32, shape (n, *input_shape)
+    y_train: np.ndarray  # int64, shape (n,)
+    x_test: np.ndarray  # local test split (may be empty)
     y_test: np.ndarray
 
 
@@ -60,19 +60,21 @@ class DeviceData:
 class FederatedDataset:
     """A workload: its devices plus a global held-out test set for the server."""
 
-    name: str                      # "har" | "fashion" | "digits"
-    input_shape: tuple[int, ...]   # har (6, 128); fashion (1, 28, 28); digits (64,)
+    name: str  # "har" | "fashion" | "digits"
+    input_shape: tuple[int, ...]  # har (6, 128); fashion (1, 28, 28); digits (64,)
     num_classes: int
     devices: list[DeviceData]
-    x_test: np.ndarray             # global held-out test set (float32)
+    x_test: np.ndarray  # global held-out test set (float32)
     y_test: np.ndarray
 
     def pooled_train(self) -> tuple[np.ndarray, np.ndarray]:
         """All devices' training data concatenated (the centralised baseline)."""
         if not self.devices:
             return np.empty((0, *self.input_shape), np.float32), np.empty(0, np.int64)
-        return (np.concatenate([d.x_train for d in self.devices]),
-                np.concatenate([d.y_train for d in self.devices]))
+        return (
+            np.concatenate([d.x_train for d in self.devices]),
+            np.concatenate([d.y_train for d in self.devices]),
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -94,8 +96,13 @@ def local_test_counts(sizes: np.ndarray) -> np.ndarray:
 
 
 def _build_devices(
-    x: np.ndarray, y: np.ndarray, index: np.ndarray, owner: np.ndarray, is_test: np.ndarray,
-    num_devices: int, prepare: Callable[[np.ndarray], np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    index: np.ndarray,
+    owner: np.ndarray,
+    is_test: np.ndarray,
+    num_devices: int,
+    prepare: Callable[[np.ndarray], np.ndarray],
 ) -> tuple[list[DeviceData], np.ndarray, np.ndarray]:
     """Gather samples device by device (train, then local test) and cut views.
 
@@ -121,7 +128,8 @@ def _build_devices(
 
 
 def _random_local_split(
-    parts: list[np.ndarray], seed: int,
+    parts: list[np.ndarray],
+    seed: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sample index, owner and local-test flag for a random 20 % split of every device."""
     lengths = np.array([p.size for p in parts], dtype=np.int64)
@@ -155,8 +163,12 @@ def _digits_raw() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     x = (bunch.data / 16.0).astype(np.float32)
     y = bunch.target.astype(np.int64)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
-    arrays = (np.ascontiguousarray(x_tr), np.ascontiguousarray(x_te),
-              np.ascontiguousarray(y_tr), np.ascontiguousarray(y_te))
+    arrays = (
+        np.ascontiguousarray(x_tr),
+        np.ascontiguousarray(x_te),
+        np.ascontiguousarray(y_tr),
+        np.ascontiguousarray(y_te),
+    )
     _readonly(*arrays)
     return arrays
 
@@ -178,8 +190,12 @@ def _read_idx(path: Path) -> np.ndarray:
 @lru_cache(maxsize=1)
 def _fashion_raw(directory: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     root = Path(directory)
-    names = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+    names = (
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    )
     missing = [n for n in names if not (root / n).is_file()]
     if missing:
         raise FileNotFoundError(
@@ -209,28 +225,42 @@ def _check_capacity(name: str, num_devices: int, available: int) -> None:
         )
 
 
-def _load_digits(num_devices: int, seed: int, alpha: float,
-                 sizes: Sequence[int] | None) -> FederatedDataset:
+def _load_digits(
+    num_devices: int, seed: int, alpha: float, sizes: Sequence[int] | None
+) -> FederatedDataset:
     x_tr, x_te, y_tr, y_te = _digits_raw()
     _check_capacity("digits", num_devices, y_tr.size)
     parts = dirichlet_partition(y_tr, num_devices, alpha, seed, sizes)
     empty_x, empty_y = np.empty((0, 64), np.float32), np.empty(0, np.int64)
-    devices = [DeviceData(x_train=x_tr[p], y_train=y_tr[p], x_test=empty_x, y_test=empty_y)
-               for p in parts]
-    return FederatedDataset(name="digits", input_shape=(64,), num_classes=10, devices=devices,
-                            x_test=x_te.copy(), y_test=y_te.copy())
+    devices = [
+        DeviceData(x_train=x_tr[p], y_train=y_tr[p], x_test=empty_x, y_test=empty_y) for p in parts
+    ]
+    return FederatedDataset(
+        name="digits",
+        input_shape=(64,),
+        num_classes=10,
+        devices=devices,
+        x_test=x_te.copy(),
+        y_test=y_te.copy(),
+    )
 
 
-def _load_fashion(num_devices: int, seed: int, alpha: float,
-                  sizes: Sequence[int] | None) -> FederatedDataset:
+def _load_fashion(
+    num_devices: int, seed: int, alpha: float, sizes: Sequence[int] | None
+) -> FederatedDataset:
     x_tr, y_tr, x_te, y_te = _fashion_raw(str(FASHION_DIR))
     _check_capacity("fashion", num_devices, y_tr.size)
     parts = dirichlet_partition(y_tr, num_devices, alpha, seed, sizes)
     index, owner, is_test = _random_local_split(parts, seed)
-    devices, _, _ = _build_devices(x_tr, y_tr, index, owner, is_test, num_devices,
-                                   _fashion_pixels)
-    return FederatedDataset(name="fashion", input_shape=(1, 28, 28), num_classes=10,
-                            devices=devices, x_test=_fashion_pixels(x_te), y_test=y_te.copy())
+    devices, _, _ = _build_devices(x_tr, y_tr, index, owner, is_test, num_devices, _fashion_pixels)
+    return FederatedDataset(
+        name="fashion",
+        input_shape=(1, 28, 28),
+        num_classes=10,
+        devices=devices,
+        x_test=_fashion_pixels(x_te),
+        y_test=y_te.copy(),
+    )
 
 
 def _allot_devices(counts: np.ndarray, num_devices: int) -> np.ndarray:
@@ -266,7 +296,7 @@ def _har_segments(subject: np.ndarray, num_devices: int) -> tuple[np.ndarray, np
     for s, (start, count, parts) in enumerate(zip(starts, counts, alloc, strict=True)):
         bounds = split_contiguous(int(count), int(parts))
         chunk = np.searchsorted(bounds, np.arange(count), side="right") - 1
-        device[start:start + count] = first_device[s] + chunk
+        device[start : start + count] = first_device[s] + chunk
     return device, device
 
 
@@ -294,14 +324,22 @@ def _load_har(num_devices: int) -> FederatedDataset:
         block /= std
         return block
 
-    devices, x_test, y_test = _build_devices(windows.x, windows.y, np.arange(len(windows)),
-                                             device, is_test, num_devices, standardize)
-    return FederatedDataset(name="har", input_shape=(6, 128), num_classes=HAPT_CLASSES,
-                            devices=devices, x_test=x_test, y_test=y_test)
+    devices, x_test, y_test = _build_devices(
+        windows.x, windows.y, np.arange(len(windows)), device, is_test, num_devices, standardize
+    )
+    return FederatedDataset(
+        name="har",
+        input_shape=(6, 128),
+        num_classes=HAPT_CLASSES,
+        devices=devices,
+        x_test=x_test,
+        y_test=y_test,
+    )
 
 
-def _validate(name: object, num_devices: object, seed: object, alpha: object,
-              sizes: Sequence[int] | None) -> None:
+def _validate(
+    name: object, num_devices: object, seed: object, alpha: object, sizes: Sequence[int] | None
+) -> None:
     if name not in DATASETS:
         raise ValueError(f"load_federated: unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
     if isinstance(num_devices, bool) or not isinstance(num_devices, (int, np.integer)):
@@ -310,8 +348,11 @@ def _validate(name: object, num_devices: object, seed: object, alpha: object,
         raise ValueError(f"load_federated: num_devices must be >= 1, got {num_devices}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"load_federated: seed must be an integer >= 0, got {seed!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)) \
-            or not (alpha > 0 and math.isfinite(alpha)):
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float, np.integer, np.floating))
+        or not (alpha > 0 and math.isfinite(alpha))
+    ):
         raise ValueError(f"load_federated: alpha must be a finite number > 0, got {alpha!r}")
     if sizes is not None:
         arr = np.asarray(sizes, dtype=np.float64)
@@ -327,8 +368,14 @@ def _validate(name: object, num_devices: object, seed: object, alpha: object,
             )
 
 
-def load_federated(name: str, num_devices: int, *, seed: int = 0, alpha: float = 0.5,
-                   sizes: Sequence[int] | None = None) -> FederatedDataset:
+def load_federated(
+    name: str,
+    num_devices: int,
+    *,
+    seed: int = 0,
+    alpha: float = 0.5,
+    sizes: Sequence[int] | None = None,
+) -> FederatedDataset:
     """Split workload ``name`` over ``num_devices`` devices (deterministic in all arguments).
 
     ``alpha`` and ``seed`` drive the Dirichlet label split of ``digits`` and

@@ -283,7 +283,10 @@ def read_hapt_recordings(
 
 
 def window_recording(
-    signals: np.ndarray, labels: np.ndarray, window: int = WINDOW, stride: int = STRIDE,
+    signals: np.ndarray,
+    labels: np.ndarray,
+    window: int = WINDOW,
+    stride: int = STRIDE,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cut one recording into windows labelled by majority.
 
@@ -323,10 +326,10 @@ class HaptWindows:
     20 % in time" splits.
     """
 
-    x: np.ndarray        # float32 (n, 6, 128), raw units (not standardized)
-    y: np.ndarray        # int64 (n,), 0..11
+    x: np.ndarray  # float32 (n, 6, 128), raw units (not standardized)
+    y: np.ndarray  # int64 (n,), 0..11
     subject: np.ndarray  # int64 (n,), 1..30
-    time: np.ndarray     # int64 (n,), 0.. within each subject
+    time: np.ndarray  # int64 (n,), 0.. within each subject
 
     def __len__(self) -> int:
         return int(self.y.size)
@@ -345,8 +348,10 @@ def build_hapt_windows(path: Path | None = None) -> HaptWindows:
             times.append(np.arange(count, count + y.size, dtype=np.int64))
             count += y.size
     return HaptWindows(
-        x=np.concatenate(xs), y=np.concatenate(ys),
-        subject=np.concatenate(subjects), time=np.concatenate(times),
+        x=np.concatenate(xs),
+        y=np.concatenate(ys),
+        subject=np.concatenate(subjects),
+        time=np.concatenate(times),
     )
 
 
@@ -365,8 +370,11 @@ def _read_cache(path: Path) -> HaptWindows | None:
     except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError):
         return None  # missing, partial or foreign file: rebuild
     n = windows.y.size
-    if windows.x.shape != (n, len(CHANNELS), WINDOW) or windows.subject.shape != (n,) \
-            or windows.time.shape != (n,):
+    if (
+        windows.x.shape != (n, len(CHANNELS), WINDOW)
+        or windows.subject.shape != (n,)
+        or windows.time.shape != (n,)
+    ):
         return None
     return windows
 
@@ -376,8 +384,14 @@ def _write_cache(path: Path, windows: HaptWindows) -> None:
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(tmp, version=np.array(HAPT_VERSION), x=windows.x, y=windows.y,
-                 subject=windows.subject, time=windows.time)
+        np.savez(
+            tmp,
+            version=np.array(HAPT_VERSION),
+            x=windows.x,
+            y=windows.y,
+            subject=windows.subject,
+            time=windows.time,
+        )
         os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)  # read-only home etc.: caching is an optimisation

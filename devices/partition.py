@@ -58,7 +58,10 @@ def split_contiguous(n: int, parts: int) -> np.ndarray:
 
 
 def _validate(
-    labels: np.ndarray, num_clients: object, alpha: object, seed: object,
+    labels: np.ndarray,
+    num_clients: object,
+    alpha: object,
+    seed: object,
     sizes: Sequence[int] | None,
 ) -> tuple[np.ndarray, int, float, int, np.ndarray | None]:
     labels = np.asarray(labels)
@@ -114,8 +117,9 @@ def _fit_to_sizes(props: np.ndarray, class_counts: np.ndarray, sizes: np.ndarray
     for _ in range(_FIT_ITERATIONS):
         fitted = props * weights
         row = fitted.sum(axis=1, keepdims=True)
-        fitted = np.divide(fitted, row, out=np.full_like(fitted, 1.0 / fitted.shape[1]),
-                           where=row > 0)
+        fitted = np.divide(
+            fitted, row, out=np.full_like(fitted, 1.0 / fitted.shape[1]), where=row > 0
+        )
         achieved = class_counts @ fitted
         ratio = np.divide(target, achieved, out=np.ones_like(target), where=achieved > 0)
         weights = weights * ratio
@@ -124,7 +128,10 @@ def _fit_to_sizes(props: np.ndarray, class_counts: np.ndarray, sizes: np.ndarray
 
 
 def dirichlet_partition(
-    labels: np.ndarray, num_clients: int, alpha: float, seed: int,
+    labels: np.ndarray,
+    num_clients: int,
+    alpha: float,
+    seed: int,
     sizes: Sequence[int] | None = None,
 ) -> list[np.ndarray]:
     """Split sample indices over ``num_clients`` with per-class Dirichlet(alpha) skew.
@@ -163,7 +170,7 @@ def dirichlet_partition(
         cuts = (np.cumsum(p) * idx.size).astype(np.int64)
         cuts[-1] = idx.size
         counts = np.diff(np.concatenate(([0], np.minimum.accumulate(cuts[::-1])[::-1])))
-        owners[start:start + idx.size] = np.repeat(np.arange(k), counts)
+        owners[start : start + idx.size] = np.repeat(np.arange(k), counts)
         start += idx.size
     order = np.concatenate(shuffled) if shuffled else np.empty(0, dtype=np.int64)
 
@@ -172,7 +179,7 @@ def dirichlet_partition(
     grouped = order[by_owner]
     sizes_now = np.bincount(owners, minlength=k)
     bounds = np.concatenate(([0], np.cumsum(sizes_now)))
-    parts = [grouped[bounds[i]:bounds[i + 1]] for i in range(k)]
+    parts = [grouped[bounds[i] : bounds[i + 1]] for i in range(k)]
 
     empty = np.flatnonzero(sizes_now == 0)
     if empty.size:

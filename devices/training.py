@@ -48,9 +48,7 @@ class LocalTrainingConfig:
         if self.epochs < 0:
             raise ValueError(f"LocalTrainingConfig.epochs must be >= 0, got {self.epochs}")
         if self.batch_size < 1:
-            raise ValueError(
-                f"LocalTrainingConfig.batch_size must be >= 1, got {self.batch_size}"
-            )
+            raise ValueError(f"LocalTrainingConfig.batch_size must be >= 1, got {self.batch_size}")
         if not np.isfinite(self.lr) or self.lr < 0:
             raise ValueError(f"LocalTrainingConfig.lr must be finite and >= 0, got {self.lr}")
         if self.max_steps is not None and self.max_steps < 0:

@@ -99,6 +99,8 @@ def status_topic(client_id: str, prefix: str = TOPIC_PREFIX) -> str:
     and a multi-gateway intake's default id joins gateway ids with ``+``.
     """
     return f"{prefix}/status/" + "".join("_" if ch in "+#/" else ch for ch in client_id)
+
+
 _STOP: Final = object()
 _MAX_ID: Final = 64  # devices.keys.DEVICE_ID_PATTERN allows 64 characters
 

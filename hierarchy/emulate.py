@@ -457,9 +457,7 @@ class Emulation:
             else [],
         }
 
-    def _host_transport(
-        self, gateways: list[str], members: dict[str, list[str]]
-    ) -> dict[str, Any]:
+    def _host_transport(self, gateways: list[str], members: dict[str, list[str]]) -> dict[str, Any]:
         """The ``transport`` argument of a gateway host (none for the direct transport)."""
         if not self.sockets:
             return {}

@@ -160,9 +160,7 @@ class DeviceUplinks:
         import aiocoap
 
         while len(self._contexts) < self.spec.concurrency:
-            self._contexts.append(
-                await aiocoap.Context.create_client_context(transports=["udp6"])
-            )
+            self._contexts.append(await aiocoap.Context.create_client_context(transports=["udp6"]))
         free: asyncio.Queue[aiocoap.Context] = asyncio.Queue()
         for ctx in self._contexts:
             free.put_nowait(ctx)

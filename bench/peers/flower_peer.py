@@ -48,8 +48,9 @@ def train(msg: Message, context: Context) -> Message:
     model = _model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     n = train_local(model, x, y, w, seed=int(cfg["server-round"]) * 1_000_003 + pid)
-    reply = RecordDict({"arrays": ArrayRecord(model.state_dict()),
-                        "metrics": MetricRecord({"num-examples": n})})
+    reply = RecordDict(
+        {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord({"num-examples": n})}
+    )
     return Message(reply, reply_to=msg)
 
 
@@ -63,9 +64,11 @@ def main() -> None:
     w = Workload(args.npz)
     log = RoundLog()
     cpus = os.cpu_count() or 1
-    config = (f"flwr {flwr.__version__} run_simulation, Ray backend, {cpus} actors "
-              "(client_resources num_cpus=1), Message API FedAvg weighted by num-examples, "
-              "fraction_train=1, no client-side evaluation, server-side test evaluation each round")
+    config = (
+        f"flwr {flwr.__version__} run_simulation, Ray backend, {cpus} actors "
+        "(client_resources num_cpus=1), Message API FedAvg weighted by num-examples, "
+        "fraction_train=1, no client-side evaluation, server-side test evaluation each round"
+    )
 
     server_app = ServerApp()
 
@@ -80,18 +83,30 @@ def main() -> None:
                 log.stamp(acc)
             return MetricRecord({"accuracy": acc})
 
-        strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0,
-                          min_train_nodes=w.num_clients, min_available_nodes=w.num_clients)
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
-                       num_rounds=args.rounds, train_config=ConfigRecord({"npz": args.npz}),
-                       evaluate_fn=evaluate)
+        strategy = FedAvg(
+            fraction_train=1.0,
+            fraction_evaluate=0.0,
+            min_train_nodes=w.num_clients,
+            min_available_nodes=w.num_clients,
+        )
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=args.rounds,
+            train_config=ConfigRecord({"npz": args.npz}),
+            evaluate_fn=evaluate,
+        )
 
     run_simulation(
-        server_app=server_app, client_app=client_app, num_supernodes=w.num_clients,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        # "local": a private Ray instance; a bare ray.init() would join any
-                        # cluster someone started on this machine with `ray start`.
-                        "init_args": {"address": "local", "num_cpus": cpus}},
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=w.num_clients,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            # "local": a private Ray instance; a bare ray.init() would join any
+            # cluster someone started on this machine with `ray start`.
+            "init_args": {"address": "local", "num_cpus": cpus},
+        },
     )
     if len(log.round_end) != args.rounds:
         raise SystemExit(f"flower_peer: expected {args.rounds} rounds, saw {len(log.round_end)}")

@@ -35,7 +35,7 @@ class Workload:
         self.epochs = int(z["epochs"])
 
     def client(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = self._idx[self._off[i]:self._off[i + 1]]
+        idx = self._idx[self._off[i] : self._off[i + 1]]
         return self.x_train[idx], self.y_train[idx]
 
 
@@ -45,8 +45,7 @@ def build_mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
-def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, w: Workload,
-                seed: int) -> int:
+def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, w: Workload, seed: int) -> int:
     """Plain SGD, mean cross-entropy, a fresh shuffle per epoch; returns the sample count."""
     opt = torch.optim.SGD(model.parameters(), lr=w.lr)
     rng = np.random.default_rng(seed)
@@ -54,7 +53,7 @@ def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, w: Workload,
     for _ in range(w.epochs):
         perm = torch.from_numpy(rng.permutation(len(y)))
         for s in range(0, len(y), w.batch_size):
-            b = perm[s:s + w.batch_size]
+            b = perm[s : s + w.batch_size]
             opt.zero_grad()
             nn.functional.cross_entropy(model(x[b]), y[b]).backward()
             opt.step()
@@ -78,9 +77,24 @@ class RoundLog:
         self.round_end.append(time.time())
         self.accuracy.append(acc)
 
-    def write(self, path: str | Path, framework: str, version: str, config: str,
-              extra: dict[str, Any] | None = None) -> None:
-        Path(path).write_text(json.dumps({
-            "framework": framework, "version": version, "config": config,
-            "round_end_unix": self.round_end, "accuracy": self.accuracy, **(extra or {}),
-        }, indent=1))
+    def write(
+        self,
+        path: str | Path,
+        framework: str,
+        version: str,
+        config: str,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        Path(path).write_text(
+            json.dumps(
+                {
+                    "framework": framework,
+                    "version": version,
+                    "config": config,
+                    "round_end_unix": self.round_end,
+                    "accuracy": self.accuracy,
+                    **(extra or {}),
+                },
+                indent=1,
+            )
+        )

@@ -25,10 +25,14 @@ def _launch(workers: int) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PFL_WORKER_ADDRESSES": ",".join(
-        f"localhost:{port + r}" for r in range(workers))}
-    procs = [subprocess.Popen([sys.executable, *sys.argv], env={**env, "PFL_WORKER_RANK": str(r)})
-             for r in range(workers)]
+    env = {
+        **os.environ,
+        "PFL_WORKER_ADDRESSES": ",".join(f"localhost:{port + r}" for r in range(workers)),
+    }
+    procs = [
+        subprocess.Popen([sys.executable, *sys.argv], env={**env, "PFL_WORKER_RANK": str(r)})
+        for r in range(workers)
+    ]
     return max(p.wait() for p in procs)
 
 
@@ -86,8 +90,11 @@ def run(args: argparse.Namespace) -> None:
     train_data = FederatedDataset(make_user, MinimizeReuseUserSampler(users))
 
     net = MLP()
-    model = PyTorchModel(net, local_optimizer_create=torch.optim.SGD,
-                         central_optimizer=torch.optim.SGD(net.parameters(), lr=1.0))
+    model = PyTorchModel(
+        net,
+        local_optimizer_create=torch.optim.SGD,
+        central_optimizer=torch.optim.SGD(net.parameters(), lr=1.0),
+    )
     log = RoundLog()
 
     class Stamp(TrainingProcessCallback):
@@ -95,22 +102,31 @@ def run(args: argparse.Namespace) -> None:
             log.stamp(accuracy(net, w))
             return False, Metrics()
 
-    backend = SimulatedBackend(training_data=train_data, val_data=None,
-                               postprocessors=[WeightByDatapoints()])
+    backend = SimulatedBackend(
+        training_data=train_data, val_data=None, postprocessors=[WeightByDatapoints()]
+    )
     FederatedAveraging().run(
         algorithm_params=NNAlgorithmParams(
-            central_num_iterations=args.rounds, evaluation_frequency=args.rounds,
-            train_cohort_size=w.num_clients, val_cohort_size=0),
-        backend=backend, model=model,
+            central_num_iterations=args.rounds,
+            evaluation_frequency=args.rounds,
+            train_cohort_size=w.num_clients,
+            val_cohort_size=0,
+        ),
+        backend=backend,
+        model=model,
         model_train_params=NNTrainHyperParams(
-            local_num_epochs=w.epochs, local_learning_rate=w.lr, local_batch_size=w.batch_size),
+            local_num_epochs=w.epochs, local_learning_rate=w.lr, local_batch_size=w.batch_size
+        ),
         model_eval_params=NNEvalHyperParams(local_batch_size=None),
-        callbacks=[Stamp()])
+        callbacks=[Stamp()],
+    )
 
     if rank == 0:
-        config = (f"pfl {pfl.__version__} SimulatedBackend, {world} worker process(es) x "
-                  f"{args.threads} torch thread(s), FederatedAveraging + WeightByDatapoints, "
-                  "central SGD lr 1.0, cohort = all users")
+        config = (
+            f"pfl {pfl.__version__} SimulatedBackend, {world} worker process(es) x "
+            f"{args.threads} torch thread(s), FederatedAveraging + WeightByDatapoints, "
+            "central SGD lr 1.0, cohort = all users"
+        )
         log.write(args.out, "pfl", pfl.__version__, config)
 
 

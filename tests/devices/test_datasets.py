@@ -57,8 +57,10 @@ def test_digits_is_deterministic_and_seeded() -> None:
     a = load_federated("digits", 8, seed=4, alpha=0.3)
     b = load_federated("digits", 8, seed=4, alpha=0.3)
     c = load_federated("digits", 8, seed=5, alpha=0.3)
-    assert all(np.array_equal(p.x_train, q.x_train) and np.array_equal(p.y_train, q.y_train)
-               for p, q in zip(a.devices, b.devices, strict=True))
+    assert all(
+        np.array_equal(p.x_train, q.x_train) and np.array_equal(p.y_train, q.y_train)
+        for p, q in zip(a.devices, b.devices, strict=True)
+    )
     assert any(p.y_train.size != q.y_train.size for p, q in zip(a.devices, c.devices, strict=True))
 
 
@@ -102,8 +104,9 @@ def test_fashion_ten_thousand_devices_is_fast_and_deterministic() -> None:
         assert np.array_equal(a.devices[i].y_test, b.devices[i].y_test)
 
 
-def test_fashion_missing_names_the_debian_package(monkeypatch: pytest.MonkeyPatch,
-                                                   tmp_path: Path) -> None:
+def test_fashion_missing_names_the_debian_package(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setattr(datasets, "FASHION_DIR", tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
         load_federated("fashion", 3)
@@ -143,8 +146,9 @@ def test_har_devices_keep_every_window_once_in_time_order(num_devices: int) -> N
     assert (fd.input_shape, fd.num_classes, len(fd.devices)) == ((6, 128), 12, num_devices)
     # Undo the per-channel standardization with statistics of the pooled train windows:
     # devices laid end to end (train then local test) must reproduce the windows in order.
-    is_test = np.concatenate([np.r_[np.zeros(d.y_train.size, bool), np.ones(d.y_test.size, bool)]
-                              for d in fd.devices])
+    is_test = np.concatenate(
+        [np.r_[np.zeros(d.y_train.size, bool), np.ones(d.y_test.size, bool)] for d in fd.devices]
+    )
     assert is_test.size == len(w), "every window exactly once"
     raw_train = w.x[~is_test].astype(np.float64)
     mean = raw_train.mean(axis=(0, 2))[None, :, None]
@@ -197,16 +201,17 @@ def test_har_devices_are_non_iid() -> None:
 def test_har_ignores_seed_and_alpha() -> None:
     a = load_federated("har", 40, seed=0, alpha=0.5)
     b = load_federated("har", 40, seed=9, alpha=3.0)
-    assert all(np.array_equal(p.x_train, q.x_train) for p, q in zip(a.devices, b.devices,
-                                                                     strict=True))
+    assert all(
+        np.array_equal(p.x_train, q.x_train) for p, q in zip(a.devices, b.devices, strict=True)
+    )
 
 
 def test_window_recording_majority_and_unlabelled() -> None:
-    t = 128 + 64 * 3           # four windows: starts 0, 64, 128, 192
+    t = 128 + 64 * 3  # four windows: starts 0, 64, 128, 192
     signals = np.arange(2 * t, dtype=np.float64).reshape(2, t)
     labels = np.full(t, 5)
-    labels[:100] = -1          # window 0: 100 x -1 -> dropped
-    labels[200:300] = 7        # window 2: 72 x 5 vs 56 x 7; window 3: 100 x 7
+    labels[:100] = -1  # window 0: 100 x -1 -> dropped
+    labels[200:300] = 7  # window 2: 72 x 5 vs 56 x 7; window 3: 100 x 7
     x, y, start = window_recording(signals, labels)
     assert x.shape == (3, 2, 128) and x.dtype == np.float32
     assert np.array_equal(start, [64, 128, 192])
@@ -301,4 +306,13 @@ def test_bad_arguments_raise_clear_errors(args: tuple, kwargs: dict, match: str)
 
 def test_local_test_counts_rule() -> None:
     assert local_test_counts(np.array([0, 1, 2, 3, 5, 7, 8, 10, 100])).tolist() == [
-        0, 0, 1, 1, 1, 1, 2, 2, 20]
+        0,
+        0,
+        1,
+        1,
+        1,
+        1,
+        2,
+        2,
+        20,
+    ]

@@ -30,7 +30,7 @@ def test_midpoints_match_the_closed_forms() -> None:
     # exp multiplies by the same factor every round.
     e = [scheduled_lr(1.0, r, 11, "exp", 0.5) for r in range(1, 12)]
     ratios = [b / a for a, b in itertools.pairwise(e)]
-    assert ratios == pytest.approx([0.5 ** 0.1] * 10)
+    assert ratios == pytest.approx([0.5**0.1] * 10)
 
 
 def test_constant_ignores_final_and_one_round_trains_at_lr() -> None:
@@ -62,7 +62,11 @@ def test_warmup_ramps_linearly_to_the_peak_then_the_schedule_decays_from_there()
     assert lrs[11] == pytest.approx((0.4 + 0.04) / 2)
     # Constant with warm-up: the ramp, then flat.
     assert [scheduled_lr(1.0, r, 5, "constant", 0.1, warmup=2) for r in range(1, 6)] == [
-        0.5, 1.0, 1.0, 1.0, 1.0
+        0.5,
+        1.0,
+        1.0,
+        1.0,
+        1.0,
     ]
     # warmup 0 and 1 are both "no ramp": round 1 already trains at lr.
     for w in (0, 1):

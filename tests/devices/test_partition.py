@@ -60,8 +60,10 @@ def test_deterministic_for_a_seed_and_seed_sensitive() -> None:
 
 def test_skew_decreases_as_alpha_grows() -> None:
     y = _labels()
-    ent = [_mean_label_entropy(y, dirichlet_partition(y, 30, a, seed=0))
-           for a in (0.05, 0.5, 5.0, 100.0)]
+    ent = [
+        _mean_label_entropy(y, dirichlet_partition(y, 30, a, seed=0))
+        for a in (0.05, 0.5, 5.0, 100.0)
+    ]
     assert ent == sorted(ent), ent
     assert ent[0] < 1.0 < 2.0 < ent[-1]  # near single-class vs near uniform (ln 10 = 2.30)
 

@@ -157,8 +157,9 @@ def test_train_device_rejects_mismatched_data() -> None:
     model = build_model("mlp", (64,), 10)
     g = get_flat_params(model)
     with pytest.raises(ValueError, match="same n"):
-        train_device(model, g, np.zeros((3, 64), np.float32), np.zeros(2, np.int64),
-                     LocalTrainingConfig(), 0)
+        train_device(
+            model, g, np.zeros((3, 64), np.float32), np.zeros(2, np.int64), LocalTrainingConfig(), 0
+        )
 
 
 # --- cohort == one by one -----------------------------------------------------------------
@@ -207,7 +208,7 @@ def test_cohort_matches_train_device_one_by_one(name: str, cfg: LocalTrainingCon
 
 def test_read_only_shared_arrays_train_without_warnings() -> None:
     # devices.datasets hands out read-only views into one shared array.
-    (x, y), = _devices("mlp", [20], seed=1)
+    ((x, y),) = _devices("mlp", [20], seed=1)
     x.setflags(write=False)
     y.setflags(write=False)
     model = build_model("mlp", (64,), 10)
@@ -277,8 +278,10 @@ def test_cohort_matches_train_device_over_rounds_with_a_decaying_lr(schedule: st
         cfg = LocalTrainingConfig(epochs=2, batch_size=8, lr=lr)
         seeds = [100 * r + i for i in range(len(sizes))]
         res = trainer.train(g_cohort, data, cfg, seeds)
-        refs = [train_device(model, g_single, x, y, cfg, s)
-                for (x, y), s in zip(data, seeds, strict=True)]
+        refs = [
+            train_device(model, g_single, x, y, cfg, s)
+            for (x, y), s in zip(data, seeds, strict=True)
+        ]
         for i, ref in enumerate(refs):
             np.testing.assert_allclose(res.deltas[i], ref.delta, atol=1e-5, rtol=0)
         g_cohort = (g_cohort + weights @ res.deltas).astype(np.float32)
@@ -295,7 +298,7 @@ def test_train_device_clips_each_step_to_max_grad_norm() -> None:
     moves exactly ``lr * c`` and an unclipped one is bit-identical to no clipping at all."""
     name = "cnn1d"
     shape, classes = SHAPES[name]
-    (x, y), = _devices(name, [12], seed=2)
+    ((x, y),) = _devices(name, [12], seed=2)
     model = build_model(name, shape, classes)
     g = init_params(name, shape, classes, seed=5)
     one_step = LocalTrainingConfig(epochs=1, batch_size=12, lr=0.1)
@@ -303,9 +306,7 @@ def test_train_device_clips_each_step_to_max_grad_norm() -> None:
     grad_norm = float(np.linalg.norm(free.delta.astype(np.float64))) / 0.1
 
     c = grad_norm / 4
-    clipped = train_device(
-        model, g, x, y, LocalTrainingConfig(1, 12, 0.1, max_grad_norm=c), seed=0
-    )
+    clipped = train_device(model, g, x, y, LocalTrainingConfig(1, 12, 0.1, max_grad_norm=c), seed=0)
     assert np.linalg.norm(clipped.delta.astype(np.float64)) == pytest.approx(0.1 * c, rel=1e-4)
     # Same direction, only shorter.
     np.testing.assert_allclose(clipped.delta, free.delta / 4, atol=1e-6, rtol=0)
@@ -379,7 +380,6 @@ def test_cohort_clipping_is_per_device_not_per_cohort() -> None:
         )
 
 
-
 def test_device_client_takes_max_grad_norm(tmp_path, capsys) -> None:
     """``tierfl device --max-grad-norm`` reaches the reference client's LocalTrainingConfig."""
     import argparse
@@ -388,8 +388,17 @@ def test_device_client_takes_max_grad_norm(tmp_path, capsys) -> None:
 
     parser = argparse.ArgumentParser()
     add_device_parser(parser.add_subparsers())
-    base = ["device", "--gateway", "coap://127.0.0.1:5683", "--id", "d0", "--key",
-            str(tmp_path / "d0.key"), "--dataset", "digits"]
+    base = [
+        "device",
+        "--gateway",
+        "coap://127.0.0.1:5683",
+        "--id",
+        "d0",
+        "--key",
+        str(tmp_path / "d0.key"),
+        "--dataset",
+        "digits",
+    ]
     args = parser.parse_args([*base, "--max-grad-norm", "0.5"])
     fields = DeviceOptions.__dataclass_fields__
     opts = DeviceOptions(**{k: v for k, v in vars(args).items() if k in fields})

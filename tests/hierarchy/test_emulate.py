@@ -258,8 +258,15 @@ def test_diverged_updates_are_rejected_at_the_gateway_not_applied():
 def test_lr_schedule_drives_each_rounds_client_lr_and_is_validated():
     from devices.lr_schedule import scheduled_lr
 
-    base = dict(topology=SMOKE, rounds=4, dataset="digits", seed=0, backend="local", plots=False,
-                local=LocalConfig(lr=0.1))
+    base = dict(
+        topology=SMOKE,
+        rounds=4,
+        dataset="digits",
+        seed=0,
+        backend="local",
+        plots=False,
+        local=LocalConfig(lr=0.1),
+    )
     decayed = run_emulation(
         EmulationConfig(**base, lr_schedule="cosine", lr_final=0.1), progress=False
     )
