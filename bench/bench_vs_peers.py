@@ -368,6 +368,23 @@ def _from_peer_file(
     )
 
 
+def _peer_cmd(
+    python: Path, script: str, npz: Path, rounds: int, out: Path, *extra: str
+) -> list[str]:
+    """A peer script's command line: the shared workload file, rounds, result file, extras."""
+    return [
+        str(python),
+        str(PEERS_DIR / script),
+        "--npz",
+        str(npz),
+        "--rounds",
+        str(rounds),
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
 def run_flower(n: int, rounds: int, npz: Path, work: Path, repeat: int) -> Result:
     python = ensure_venv("flower")
     tried: list[Result] = []
@@ -375,16 +392,7 @@ def run_flower(n: int, rounds: int, npz: Path, work: Path, repeat: int) -> Resul
         out = work / f"flower-{n}-r{i}.json"
         busy = _busy_pct()
         run = measure(
-            [
-                str(python),
-                str(PEERS_DIR / "flower_peer.py"),
-                "--npz",
-                str(npz),
-                "--rounds",
-                str(rounds),
-                "--out",
-                str(out),
-            ],
+            _peer_cmd(python, "flower_peer.py", npz, rounds, out),
             work / f"flower-{n}-r{i}.log",
             PEERS_DIR,
             _peer_env(),
@@ -402,18 +410,7 @@ def run_pfl(n: int, rounds: int, npz: Path, work: Path, workers: list[int], repe
             out = work / f"pfl-{n}-w{k}-r{i}.json"
             busy = _busy_pct()
             run = measure(
-                [
-                    str(python),
-                    str(PEERS_DIR / "pfl_peer.py"),
-                    "--npz",
-                    str(npz),
-                    "--rounds",
-                    str(rounds),
-                    "--out",
-                    str(out),
-                    "--workers",
-                    str(k),
-                ],
+                _peer_cmd(python, "pfl_peer.py", npz, rounds, out, "--workers", str(k)),
                 work / f"pfl-{n}-w{k}-r{i}.log",
                 PEERS_DIR,
                 _peer_env(),

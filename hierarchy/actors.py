@@ -902,28 +902,22 @@ class GatewayHost(Placed):
         decoded, kept, errors = decode_rows([updates[i] for i, _ in keep], self._num_params)
         for _, e in errors:
             rejected[e.reason] = rejected.get(e.reason, 0) + 1
-        if privacy.clip_norm is None and all(on for _, on in keep):  # common: one BLAS call
-            if kept:
-                idx = [keep[j][0] for j in kept]
-                partial.add_batch([devices[i] for i in idx], decoded, np.asarray(weights)[idx])
-            return partial, folded
-        rows, names, ws = [], [], []
-        for j, delta in zip(kept, decoded, strict=True):
-            i, on_time = keep[j]
+        take: list[int] = []  # rows of `decoded` summed this round
+        for j, k in enumerate(kept):
+            i, on_time = keep[k]
             if privacy.clip_norm is not None:
-                clipped = clip_check(delta, privacy.clip_norm)
+                clipped = clip_check(decoded[j], privacy.clip_norm)
                 if clipped is None:  # the device did not clip: refuse, as a real gateway would
                     rejected["norm-bound"] = rejected.get("norm-bound", 0) + 1
                     continue
-                delta = clipped
+                decoded[j] = clipped  # float32 either way: the same values as before
             if on_time:
-                rows.append(delta)
-                names.append(devices[i])
-                ws.append(weights[i])
-            else:
-                self._late[g].append(_Late(devices[i], delta, weights[i], round_))
-        if rows:
-            partial.add_batch(names, np.stack(rows), np.asarray(ws))
+                take.append(j)
+            else:  # a copy, so the round's block is not held until the next round
+                self._late[g].append(_Late(devices[i], decoded[j].copy(), weights[i], round_))
+        if take:
+            idx = [keep[kept[j]][0] for j in take]
+            partial.add_batch([devices[i] for i in idx], decoded[take], np.asarray(weights)[idx])
         return partial, folded
 
     def _masked_uplink(
@@ -981,30 +975,24 @@ class GatewayHost(Placed):
         ``sum s(tau_i) delta_i``), instead of merely losing share to fresher ones.
         The uplink is timed with this gateway's ``index``-th flush stream.
         """
-        from devices.codecs import CodecError, decode
+        from devices.codecs import decode_rows
 
         if gateway not in self._gateways:
             raise KeyError(f"gateway {gateway!r} is not hosted here")
+        if len(factors) != len(keys):
+            raise ValueError(f"{len(keys)} updates but {len(factors)} staleness factors")
         partial = PartialAggregate.empty(gateway, index, self._num_params)
+        held = [self._held.pop((gateway, (int(k[0]), int(k[1])))) for k in keys]
+        decoded, kept, errors = decode_rows([enc for _, enc, _ in held], self._num_params)
         rejected: dict[str, int] = {}
-        rows, names, ws = [], [], []
-        full = 0.0
-        for key, factor in zip(keys, factors, strict=True):
-            dev, enc, w = self._held.pop((gateway, (int(key[0]), int(key[1]))))
-            try:
-                delta = decode(enc, max_elements=self._num_params)
-                if delta.shape != (self._num_params,):
-                    raise CodecError("bad-shape", f"update has shape {delta.shape}")
-            except CodecError as e:
-                rejected[e.reason] = rejected.get(e.reason, 0) + 1
-                continue
-            rows.append(delta)
-            names.append(dev)
-            ws.append(w * float(factor))
-            full += w
-        if rows:
-            partial.add_batch(names, np.stack(rows), np.asarray(ws))
-            partial.total_weight = full
+        for _, e in errors:
+            rejected[e.reason] = rejected.get(e.reason, 0) + 1
+        if kept:
+            ws = np.array([held[j][2] for j in kept])
+            partial.add_batch(
+                [held[j][0] for j in kept], decoded, ws * np.asarray(factors, dtype=float)[kept]
+            )
+            partial.total_weight = float(sum(ws.tolist()))
         node = self._gateways[gateway]
         uplink = gateway_uplink(
             node, self._index[gateway], seed=self._seed, round_=index, nbytes=partial.nbytes
